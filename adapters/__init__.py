@@ -1,0 +1,69 @@
+"""Format adapters: one module per input/output format, all following :mod:`adapters.base`.
+
+``detect(path)`` picks the format by content (magic bytes), never by trusting the file name alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from functools import cache
+
+from adapters.base import (
+    DEFAULT_MAX_PIXELS,
+    AdapterError,
+    Format,
+    Source,
+    UnsupportedInput,
+)
+
+#: Module and class of each registered format, in sniffing order (most specific first).
+FORMAT_CLASSES: dict[str, str] = {
+    "dicom": "adapters.dicom:DicomFormat",
+    "geotiff": "adapters.geotiff:GeoTiffFormat",
+    "photo": "adapters.photo:PhotoFormat",
+}
+
+
+@cache
+def get_format(name: str) -> Format:
+    """The adapter instance for a format name (``dicom``, ``geotiff``, ``photo``)."""
+    try:
+        target = FORMAT_CLASSES[name]
+    except KeyError:
+        raise UnsupportedInput(f"unknown format {name!r}; known: {', '.join(FORMAT_CLASSES)}") from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def detect(path: str) -> Format:
+    """The format that reads ``path`` (a file, or a folder holding a DICOM series).
+
+    Raises :class:`UnsupportedInput` with a readable message when nothing recognises it.
+    """
+    head = b""
+    if os.path.isfile(path):
+        if os.path.getsize(path) == 0:
+            raise UnsupportedInput(f"{os.path.basename(path)}: empty file")
+        with open(path, "rb") as f:
+            head = f.read(1024)
+    elif not os.path.isdir(path):
+        raise UnsupportedInput(f"{path}: no such file or folder")
+    for name in FORMAT_CLASSES:
+        fmt = get_format(name)
+        if fmt.sniff(path, head):
+            return fmt
+    raise UnsupportedInput(
+        f"{os.path.basename(path.rstrip('/')) or path}: not a recognised image "
+        "(GeoTIFF, DICOM, JPEG, PNG, TIFF, WebP, BMP)"
+    )
+
+
+def open_input(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Format, Source]:
+    """Detect and open ``path``; errors are :class:`AdapterError` with a clear message."""
+    fmt = detect(path)
+    return fmt, fmt.open(path, max_pixels=max_pixels)
+
+
+__all__ = ["AdapterError", "FORMAT_CLASSES", "Format", "Source", "UnsupportedInput", "detect", "get_format",
+           "open_input"]

@@ -1,0 +1,225 @@
+"""The one small protocol every format adapter follows.
+
+Data flows one way: an adapter opens an input (:class:`Source`), lists its :class:`Item` s (one image,
+slice, frame or raster), reads pixel windows from them, and later writes the pipeline's outputs next to
+them (:class:`MaskSink`). Adapters know nothing of the database, the queue or HTTP.
+
+Adding a format means adding one module that defines a :class:`Format` and registering it in
+``adapters/__init__.py``; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rasterio.windows import Window
+
+__all__ = [
+    "AdapterError",
+    "Artifact",
+    "Format",
+    "InputTooLarge",
+    "Item",
+    "ItemInfo",
+    "MaskSink",
+    "Source",
+    "UnsupportedInput",
+    "Window",
+    "full_window",
+]
+
+#: Largest image we agree to open, in pixels (width * height). Checked on the *declared* size before any
+#: pixel buffer is allocated, so decompression bombs fail fast. Rasters larger than this are still fine
+#: when they are read window by window (see ``Item.streamable``).
+DEFAULT_MAX_PIXELS = 40_000 * 40_000
+
+
+class AdapterError(Exception):
+    """An input cannot be read. The message is stored on the item and shown to the user."""
+
+
+class UnsupportedInput(AdapterError):
+    """No adapter recognises the file (wrong format, empty file, not an image)."""
+
+
+class InputTooLarge(AdapterError):
+    """Declared dimensions exceed the configured limit (decompression bomb guard)."""
+
+
+@dataclass
+class ItemInfo:
+    """What we know about one item before reading its pixels.
+
+    ``transform`` is the GDAL/affine 6-tuple ``(a, b, c, d, e, f)`` mapping (col, row) to map coordinates,
+    ``crs_wkt`` the CRS as WKT (any CRS, EPSG code or not). ``pixel_area`` is the physical area of one
+    pixel in ``area_unit`` (``"m2"`` for projected rasters, ``"mm2"`` for DICOM with PixelSpacing);
+    both are ``None`` when the input has no physical scale.
+    """
+
+    height: int
+    width: int
+    bands: int
+    dtype: str
+    modality: str
+    crs_wkt: str | None = None
+    transform: tuple[float, float, float, float, float, float] | None = None
+    pixel_area: float | None = None
+    area_unit: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict for the items table."""
+        return {
+            "height": self.height,
+            "width": self.width,
+            "bands": self.bands,
+            "dtype": self.dtype,
+            "modality": self.modality,
+            "crs_wkt": self.crs_wkt,
+            "transform": list(self.transform) if self.transform else None,
+            "pixel_area": self.pixel_area,
+            "area_unit": self.area_unit,
+            "warnings": list(self.warnings),
+            **self.extra,
+        }
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One output file written by a sink, before the store uploads it.
+
+    ``kind`` names what it is (``class_raster``, ``confidence``, ``mask_png``, ``overlay``, ``geojson``,
+    ``gpkg``, ``dicom_seg``, ``coco_json``, ``instance_raster``), ``path`` is the local file.
+    """
+
+    kind: str
+    path: Path
+    media_type: str
+
+
+class Item(abc.ABC):
+    """One image, slice, frame or raster inside a :class:`Source`."""
+
+    #: Stable key within its source ("" for single-image files, e.g. "frame-0003" for frames).
+    key: str
+    #: Items sharing a group are finalised together (a DICOM series -> one DICOM SEG).
+    group: str | None = None
+    info: ItemInfo
+    #: True when the adapter can read arbitrary windows without decoding the whole image (tiled GeoTIFF).
+    streamable: bool = False
+
+    @abc.abstractmethod
+    def read(self, window: Window | None = None) -> np.ndarray:
+        """Pixels of ``window`` (whole item if None) as ``(C, H, W)``.
+
+        Values are in the input's physical units: raw DNs for rasters, Hounsfield units (float32) for CT
+        after the Modality LUT, uint8 RGB for photos. Model normalisation happens in the pipeline.
+        """
+
+    def valid_mask(self, window: Window | None = None) -> np.ndarray | None:
+        """``(H, W) bool``, False where the input has no data (nodata, internal masks); None if all valid."""
+        return None
+
+    def preview(self, max_size: int = 1024) -> np.ndarray:
+        """``(H, W, 3) uint8`` display image for overlays, at most ``max_size`` on its longer side."""
+        raise NotImplementedError
+
+
+class Source(abc.ABC):
+    """An opened input: a file, a folder (DICOM series) or an object-store URL."""
+
+    path: str
+    format: str
+
+    @abc.abstractmethod
+    def items(self) -> Iterator[Item]:
+        """Every item of the input, in a stable order."""
+
+    def item(self, key: str) -> Item:
+        """The item with ``key`` (raises :class:`AdapterError` if absent)."""
+        for it in self.items():
+            if it.key == key:
+                return it
+        raise AdapterError(f"{self.path}: no item {key!r}")
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles."""
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MaskSink(abc.ABC):
+    """Receives finished blocks of a semantic prediction and writes the item's outputs.
+
+    The tiled engine calls :meth:`write` once per finished block (in any order, never overlapping), so a
+    sink never holds the whole mask unless it wants to (small photos do; GeoTIFFs stream to disk).
+    """
+
+    @abc.abstractmethod
+    def write(self, window: Window, classes: np.ndarray, confidence: np.ndarray) -> None:
+        """``classes`` ``(h, w) uint8`` class ids and ``confidence`` ``(h, w) float32`` in [0, 1]."""
+
+    @abc.abstractmethod
+    def close(self) -> list[Artifact]:
+        """Flush and finalise; returns the artifacts written."""
+
+
+class Format(abc.ABC):
+    """One input/output format: recognises files, opens them, and creates sinks for their outputs."""
+
+    name: str
+
+    @abc.abstractmethod
+    def sniff(self, path: str, head: bytes) -> bool:
+        """True if this format reads ``path`` whose first bytes are ``head`` (no full read)."""
+
+    @abc.abstractmethod
+    def open(self, path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
+        """Open ``path``; raises :class:`AdapterError` with a clear message for bad input."""
+
+    @abc.abstractmethod
+    def semantic_sink(
+        self, item: Item, out_dir: Path, class_names: Sequence[str], colors: Sequence[tuple[int, int, int]]
+    ) -> MaskSink:
+        """A sink writing this format's semantic outputs for ``item`` into ``out_dir``."""
+
+    def finalize_group(
+        self,
+        items: Sequence[Item],
+        mask_files: Sequence[Path],
+        out_dir: Path,
+        class_names: Sequence[str],
+        colors: Sequence[tuple[int, int, int]],
+    ) -> list[Artifact]:
+        """Outputs spanning a group of items, e.g. one DICOM SEG per series.
+
+        ``mask_files[i]`` is the class-mask artifact this format's sink wrote for ``items[i]``.
+        Default: nothing to add.
+        """
+        return []
+
+    def write_instances(
+        self,
+        item: Item,
+        instances: Sequence[Any],
+        out_dir: Path,
+        class_names: Sequence[str],
+        colors: Sequence[tuple[int, int, int]],
+    ) -> list[Artifact]:
+        """Instance outputs for ``item`` (``pipelines.instances.Instance`` objects in item pixel coordinates)."""
+        raise AdapterError(f"format {self.name} cannot write instance outputs")
+
+
+def full_window(info: ItemInfo) -> Window:
+    """The window covering the whole item."""
+    return Window(0, 0, info.width, info.height)

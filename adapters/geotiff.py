@@ -1,0 +1,804 @@
+"""GeoTIFF (and other georeferenced rasters GDAL reads) through rasterio, window by window.
+
+Reads never decode more than the requested window; :class:`GeoTiffMaskSink` streams blocks to a tiled,
+deflate-compressed GTiff and turns it into a Cloud-Optimized GeoTIFF on close, so memory does not grow with
+the raster. Everything geographic (rasters, polygons) is written in the source CRS, whatever it is (WKT is
+kept for CRSs without an EPSG code).
+
+Areas: ``pixel_area`` is in m² for projected CRSs (determinant of the transform times the CRS's linear unit
+factor squared). For geographic CRSs (degrees) it is None with a warning, and polygon areas in m² are
+computed on a sphere of the mean Earth radius (error well under 1 % for mapping purposes). Web Mercator
+"metres" are not ground metres (scale 1/cos²(latitude)); such rasters get a warning.
+
+Polygons come from :func:`rasterio.features.shapes` over the finished class raster read in chunks of
+``polygon_chunk`` pixels (default 4096) with each chunk's window transform: objects crossing a chunk edge
+are split there (rasters up to one chunk are polygonized whole; the sink's own 512-pixel write blocks never
+split polygons).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from affine import Affine
+from PIL import Image
+from rasterio.crs import CRS
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.features import shapes
+from rasterio.windows import transform as window_transform
+
+from adapters.base import (
+    DEFAULT_MAX_PIXELS,
+    AdapterError,
+    Artifact,
+    Format,
+    InputTooLarge,
+    Item,
+    ItemInfo,
+    MaskSink,
+    Source,
+    UnsupportedInput,
+    Window,
+)
+from adapters.photo import NODATA_CLASS, background_ids, blend_overlay, output_stem
+
+try:  # GDAL errors raised by rasterio's C layer are not RasterioError subclasses.
+    from rasterio._err import CPLE_BaseError
+except ImportError:  # pragma: no cover - private module moved
+    CPLE_BaseError = RasterioError  # type: ignore[misc,assignment]
+
+__all__ = [
+    "GeoTiffFormat",
+    "GeoTiffItem",
+    "GeoTiffMaskSink",
+    "GeoTiffSource",
+    "looks_geospatial",
+    "polygon_area",
+    "rle_crop",
+    "write_geotiff_instances",
+]
+
+_TIFF = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_GDAL_ERRORS = (RasterioError, CPLE_BaseError)
+_EARTH_RADIUS_M = 6_371_008.8
+
+
+class _NoGeoWarnings:
+    """Context manager silencing rasterio's NotGeoreferencedWarning (we report that in info.warnings)."""
+
+    def __enter__(self) -> None:
+        self._cw = warnings.catch_warnings()
+        self._cw.__enter__()
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+
+    def __exit__(self, *exc: object) -> None:
+        self._cw.__exit__(*exc)
+
+
+def _err(path: str, what: str, e: BaseException) -> AdapterError:
+    return AdapterError(f"{Path(path).name}: {what}: {e}")
+
+
+def looks_geospatial(path: str) -> bool:
+    """True if rasterio opens ``path`` and it needs the GeoTIFF adapter rather than the photo one.
+
+    That is: it has a CRS, a non-identity transform, GCPs or RPCs, more than 3 non-alpha bands, or a
+    dtype other than uint8. Unreadable files give False (the photo adapter then reports the error).
+    """
+    try:
+        with _NoGeoWarnings(), rasterio.open(path) as ds:
+            if ds.crs is not None or not ds.transform.is_identity or ds.gcps[0] or ds.rpcs is not None:
+                return True
+            colour_bands = [ci for ci in ds.colorinterp if ci != ColorInterp.alpha]
+            return len(colour_bands) > 3 or any(dt != "uint8" for dt in ds.dtypes)
+    except (*_GDAL_ERRORS, OSError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _crs_info(
+    crs: CRS | None, transform: Affine
+) -> tuple[float | None, str | None, list[str], dict[str, Any]]:
+    """``(pixel_area, area_unit, warnings, extra)`` for a CRS and pixel transform."""
+    warn: list[str] = []
+    extra: dict[str, Any] = {}
+    if crs is None:
+        warn.append("raster has no CRS: processed in pixel space, no geographic outputs")
+        return None, None, warn, extra
+    extra["epsg"] = crs.to_epsg()
+    det = abs(transform.a * transform.e - transform.b * transform.d)
+    if crs.is_geographic:
+        warn.append(
+            "geographic CRS (degrees): pixel area varies with latitude, so pixel_area is not set; "
+            "polygon areas in m² are computed on a sphere"
+        )
+        return None, None, warn, extra
+    try:
+        unit, factor = crs.linear_units_factor
+    except _GDAL_ERRORS:
+        warn.append("projected CRS with unknown linear units: areas are not reported in m²")
+        return None, None, warn, extra
+    extra["linear_units"] = unit
+    if re.search(r"\+proj=merc\b", crs.to_proj4() or ""):
+        warn.append("Mercator CRS: map areas exceed ground areas by 1/cos²(latitude)")
+    return det * factor * factor, "m2", warn, extra
+
+
+class GeoTiffItem(Item):
+    """The raster of a GeoTIFF (key ``""``); thread-safe windowed reads through one rasterio dataset."""
+
+    streamable = True
+
+    def __init__(self, path: str, ds: rasterio.DatasetReader) -> None:
+        self.path = path
+        self.key = ""
+        self.group = None
+        self._ds = ds
+        self._lock = threading.Lock()
+        crs = ds.crs
+        geo = crs is not None or not ds.transform.is_identity
+        area, unit, warn, extra = _crs_info(crs, ds.transform)
+        if len(set(ds.dtypes)) > 1:
+            warn.append(f"bands have different dtypes {sorted(set(ds.dtypes))}; read as {ds.dtypes[0]}")
+        if crs is not None and (ds.transform.b or ds.transform.d):
+            warn.append("rotated/sheared transform: outputs keep it, some viewers may not")
+        extra.update(
+            nodata=ds.nodata,
+            band_descriptions=list(ds.descriptions),
+            colorinterp=[ci.name for ci in ds.colorinterp],
+            block_shape=list(ds.block_shapes[0]),
+            overviews=ds.overviews(1),
+            driver=ds.driver,
+            compression=ds.compression.value if ds.compression else None,
+        )
+        self.info = ItemInfo(
+            height=ds.height,
+            width=ds.width,
+            bands=ds.count,
+            dtype=ds.dtypes[0],
+            modality="geotiff",
+            crs_wkt=crs.to_wkt() if crs is not None else None,
+            transform=tuple(ds.transform)[:6] if geo else None,  # type: ignore[arg-type]
+            pixel_area=area,
+            area_unit=unit,
+            warnings=warn,
+            extra=extra,
+        )
+        flags = ds.mask_flag_enums
+        self._has_mask = not all(f == [MaskFlags.all_valid] for f in flags)
+
+    @property
+    def crs(self) -> CRS | None:
+        return self._ds.crs
+
+    @property
+    def transform(self) -> Affine:
+        return self._ds.transform
+
+    def _clip(self, window: Window | None) -> tuple[Window, Window, tuple[int, int]]:
+        """``(requested, inside, (h, w))``: the part of ``window`` inside the raster and the full size."""
+        if window is None:
+            window = Window(0, 0, self.info.width, self.info.height)
+        c0, r0 = int(window.col_off), int(window.row_off)
+        w, h = int(window.width), int(window.height)
+        if w <= 0 or h <= 0:
+            raise ValueError(f"empty window {window}")
+        ic0, ir0 = max(c0, 0), max(r0, 0)
+        ic1, ir1 = min(c0 + w, self.info.width), min(r0 + h, self.info.height)
+        inside = Window(ic0, ir0, max(0, ic1 - ic0), max(0, ir1 - ir0))
+        return Window(c0, r0, w, h), inside, (h, w)
+
+    def read(self, window: Window | None = None, bands: Sequence[int] | None = None) -> np.ndarray:
+        """``(C, h, w)`` pixels of ``window`` in the native dtype (raw DNs).
+
+        ``bands`` are 1-based band indices (default: all). Parts of the window outside the raster are
+        filled with nodata (or 0) and reported invalid by :meth:`valid_mask`.
+        """
+        req, inside, (h, w) = self._clip(window)
+        idx = list(bands) if bands is not None else list(range(1, self.info.bands + 1))
+        if any(b < 1 or b > self.info.bands for b in idx):
+            raise AdapterError(f"{Path(self.path).name}: bands {idx} not in 1..{self.info.bands}")
+        try:
+            with self._lock:
+                if inside.width == w and inside.height == h:
+                    return self._ds.read(idx, window=inside)
+                fill = self._ds.nodata if self._ds.nodata is not None else 0
+                out = np.full((len(idx), h, w), fill, dtype=self._ds.dtypes[0])
+                if inside.width and inside.height:
+                    r, c = int(inside.row_off - req.row_off), int(inside.col_off - req.col_off)
+                    out[:, r : r + int(inside.height), c : c + int(inside.width)] = self._ds.read(
+                        idx, window=inside
+                    )
+                return out
+        except _GDAL_ERRORS as e:
+            raise _err(self.path, f"read failed at window {_wstr(req)} (corrupt or truncated?)", e) from e
+
+    def valid_mask(self, window: Window | None = None) -> np.ndarray | None:
+        """``(h, w) bool``, False at nodata, internal-mask/alpha-masked and out-of-raster pixels.
+
+        None when the raster has neither nodata nor masks and the window lies inside it. A pixel is valid
+        when any band is valid (GDAL's dataset mask).
+        """
+        req, inside, (h, w) = self._clip(window)
+        full = inside.width == w and inside.height == h
+        if not self._has_mask and full:
+            return None
+        out = np.zeros((h, w), bool)
+        if inside.width and inside.height:
+            r, c = int(inside.row_off - req.row_off), int(inside.col_off - req.col_off)
+            sub = out[r : r + int(inside.height), c : c + int(inside.width)]
+            if self._has_mask:
+                try:
+                    with self._lock:
+                        sub[...] = self._ds.dataset_mask(window=inside) > 0
+                except _GDAL_ERRORS as e:
+                    raise _err(self.path, f"mask read failed at window {_wstr(req)}", e) from e
+            else:
+                sub[...] = True
+        return out
+
+    def preview_bands(self) -> list[int]:
+        """1-based bands shown in previews: the red/green/blue bands if tagged, else 1-3, else band 1."""
+        ci = list(self._ds.colorinterp)
+        try:
+            return [ci.index(c) + 1 for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)]
+        except ValueError:
+            return [1, 2, 3] if self.info.bands >= 3 else [1]
+
+    def preview(self, max_size: int = 1024) -> np.ndarray:
+        """``(H', W', 3) uint8``: a decimated read (overviews used when present) stretched per band
+        between the 2nd and 98th percentiles of valid pixels; nodata shows black."""
+        h, w = preview_shape(self.info.height, self.info.width, max_size)
+        bands = self.preview_bands()
+        try:
+            with self._lock:
+                data = self._ds.read(bands, out_shape=(len(bands), h, w), resampling=Resampling.nearest)
+                valid = (
+                    self._ds.dataset_mask(out_shape=(h, w), resampling=Resampling.nearest) > 0
+                    if self._has_mask
+                    else np.ones((h, w), bool)
+                )
+        except _GDAL_ERRORS as e:
+            raise _err(self.path, "preview read failed", e) from e
+        return stretch_to_uint8(data, valid)
+
+    def close(self) -> None:
+        with self._lock:
+            self._ds.close()
+
+
+def preview_shape(height: int, width: int, max_size: int) -> tuple[int, int]:
+    """``(h, w)`` with the longer side at most ``max_size`` (never upscaled, never 0)."""
+    scale = min(1.0, max_size / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def stretch_to_uint8(data: np.ndarray, valid: np.ndarray, low: float = 2.0, high: float = 98.0) -> np.ndarray:
+    """``(B, H, W)`` any dtype (B = 1 or 3) -> ``(H, W, 3) uint8`` stretched per band between the
+    ``low``/``high`` percentiles of the pixels where ``valid`` ``(H, W) bool``; invalid pixels are 0."""
+    ok = valid & np.all(np.isfinite(data), axis=0) if data.dtype.kind == "f" else valid
+    planes = []
+    for band in data.astype(np.float64):
+        vals = band[ok]
+        lo, hi = np.percentile(vals, [low, high]) if vals.size else (0.0, 1.0)
+        if hi <= lo:
+            hi = lo + 1.0
+        planes.append(np.clip((np.nan_to_num(band, nan=lo) - lo) / (hi - lo) * 255.0, 0, 255))
+    out = np.rint(np.stack(planes * (3 // len(planes)), axis=-1)).astype(np.uint8)
+    out[~ok] = 0
+    return out
+
+
+def _wstr(w: Window) -> str:
+    return f"(col {int(w.col_off)}, row {int(w.row_off)}, {int(w.width)}x{int(w.height)})"
+
+
+class GeoTiffSource(Source):
+    """An opened raster file: one item."""
+
+    format = "geotiff"
+
+    def __init__(self, path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.path = path
+        name = Path(path).name
+        if not os.path.isfile(path):
+            raise UnsupportedInput(f"{name}: no such file")
+        if os.path.getsize(path) == 0:
+            raise UnsupportedInput(f"{name}: empty file")
+        try:
+            with _NoGeoWarnings():
+                ds = rasterio.open(path)  # reads the header and IFDs only: no pixel buffer
+        except _GDAL_ERRORS as e:
+            raise _err(path, "cannot open as a raster (corrupt, truncated or not a TIFF)", e) from e
+        try:
+            if ds.width * ds.height > max_pixels:
+                raise InputTooLarge(
+                    f"{name}: {ds.width}x{ds.height} = {ds.width * ds.height:,} pixels exceeds the limit of "
+                    f"{max_pixels:,}"
+                )
+            if ds.count < 1:
+                raise AdapterError(f"{name}: raster has no bands")
+            self._item = GeoTiffItem(path, ds)
+        except BaseException:
+            ds.close()
+            raise
+
+    def items(self) -> Iterator[Item]:
+        yield self._item
+
+    def close(self) -> None:
+        self._item.close()
+
+
+# --------------------------------------------------------------------------------------------- geometry
+
+
+def polygon_area(rings: Sequence[Sequence[Sequence[float]]], *, geographic: bool = False) -> float:
+    """Area of a GeoJSON polygon (exterior ring then holes): map units² by the shoelace formula, or m² on
+    a sphere of the mean Earth radius when ``geographic`` (coordinates in degrees lon/lat)."""
+    total = 0.0
+    for k, ring in enumerate(rings):
+        pts = np.asarray(ring, np.float64)
+        if len(pts) < 3:
+            continue
+        x, y = pts[:, 0], pts[:, 1]
+        if geographic:
+            lam, phi = np.radians(x), np.radians(y)
+            a = abs(np.sum((np.roll(lam, -1) - lam) * (2 + np.sin(phi) + np.sin(np.roll(phi, -1))))) / 2
+            a *= _EARTH_RADIUS_M**2
+        else:
+            a = abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2
+        total += a if k == 0 else -a
+    return float(total)
+
+
+class _GeoJsonWriter:
+    """Streams features to a GeoJSON FeatureCollection in the source CRS (one feature in memory at a time)."""
+
+    def __init__(self, path: Path, crs: CRS) -> None:
+        self.path = path
+        self.count = 0
+        self._f = open(path, "w")  # noqa: SIM115 - closed in close()
+        head: dict[str, Any] = {"type": "FeatureCollection", "crs_wkt": crs.to_wkt()}
+        epsg = crs.to_epsg()
+        if epsg is not None:
+            # GeoJSON 2008 "crs" member: GDAL/QGIS read it; RFC 7946 would force WGS 84.
+            head["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{epsg}"}}
+        self._f.write(json.dumps(head)[:-1] + ', "features": [\n')
+
+    def add(self, geometry: dict[str, Any], properties: dict[str, Any]) -> None:
+        if self.count:
+            self._f.write(",\n")
+        self._f.write(json.dumps({"type": "Feature", "properties": properties, "geometry": geometry}))
+        self.count += 1
+
+    def close(self) -> None:
+        self._f.write("\n]}\n")
+        self._f.close()
+
+
+def _area_props(rings: list, crs: CRS, unit_factor: float | None) -> dict[str, float | None]:
+    if crs.is_geographic:
+        return {"area": polygon_area(rings), "area_m2": polygon_area(rings, geographic=True)}
+    a = polygon_area(rings)
+    return {"area": a, "area_m2": a * unit_factor**2 if unit_factor is not None else None}
+
+
+def _unit_factor(crs: CRS) -> float | None:
+    if crs.is_geographic:
+        return None
+    try:
+        return float(crs.linear_units_factor[1])
+    except _GDAL_ERRORS:
+        return None
+
+
+# --------------------------------------------------------------------------------------------- sinks
+
+
+def _tile_size(width: int, height: int) -> int:
+    return 512 if min(width, height) >= 512 else 256
+
+
+def _raster_profile(item: Item, dtype: str, nodata: float | None) -> dict[str, Any]:
+    info = item.info
+    b = _tile_size(info.width, info.height)
+    prof: dict[str, Any] = dict(
+        driver="GTiff",
+        width=info.width,
+        height=info.height,
+        count=1,
+        dtype=dtype,
+        tiled=True,
+        blockxsize=b,
+        blockysize=b,
+        compress="deflate",
+        BIGTIFF="IF_SAFER",
+    )
+    if nodata is not None:
+        prof["nodata"] = nodata
+    if info.crs_wkt:
+        prof["crs"] = CRS.from_wkt(info.crs_wkt)
+    if info.transform:
+        prof["transform"] = Affine(*info.transform)
+    return prof
+
+
+def _to_cog(tmp: Path, final: Path, resampling: str) -> None:
+    """Rewrite ``tmp`` as a COG at ``final`` (deflate, 512 tiles, overviews); fall back to internal
+    overviews on the plain GTiff when the COG driver is missing or fails."""
+    try:
+        with _NoGeoWarnings():
+            rasterio.shutil.copy(
+                str(tmp), str(final), driver="COG", compress="DEFLATE", blocksize=512,
+                overview_resampling=resampling.upper(), BIGTIFF="IF_SAFER",
+            )
+        tmp.unlink()
+        return
+    except _GDAL_ERRORS:
+        final.unlink(missing_ok=True)
+    with _NoGeoWarnings(), rasterio.open(tmp, "r+") as ds:
+        factors = [f for f in (2, 4, 8, 16, 32, 64) if max(ds.width, ds.height) // f >= 256]
+        if factors:
+            ds.build_overviews(factors, Resampling[resampling])
+    tmp.replace(final)
+
+
+class GeoTiffMaskSink(MaskSink):
+    """Streams class (and confidence) blocks to tiled GTiffs; on close: COGs, GeoJSON polygons, overlay.
+
+    Memory: one block plus GDAL's block cache while writing; one ``polygon_chunk``² chunk while
+    polygonizing. ``class_counts`` ``(256,) int64`` holds per-class valid pixel counts (255 = no data).
+    """
+
+    def __init__(
+        self,
+        item: Item,
+        out_dir: Path,
+        class_names: Sequence[str],
+        colors: Sequence[tuple[int, int, int]],
+        *,
+        confidence: bool = True,
+        polygons: bool = True,
+        skip_classes: Iterable[int] | None = None,
+        polygon_chunk: int = 4096,
+        overlay_size: int = 1024,
+    ) -> None:
+        self.item = item
+        self.out_dir = Path(out_dir)
+        self.class_names = list(class_names)
+        self.colors = [tuple(c) for c in colors]
+        self.skip = set(skip_classes) if skip_classes is not None else background_ids(self.class_names)
+        self.polygon_chunk = polygon_chunk
+        self.overlay_size = overlay_size
+        self.polygons = polygons
+        self.class_counts = np.zeros(256, np.int64)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.stem = output_stem(item)
+        self._tmp_cls = self.out_dir / f".{self.stem}_classes.partial.tif"
+        self._tmp_conf = self.out_dir / f".{self.stem}_confidence.partial.tif" if confidence else None
+        self._closed = False
+        try:
+            with _NoGeoWarnings():
+                self._cls = rasterio.open(self._tmp_cls, "w", **_raster_profile(item, "uint8", NODATA_CLASS))
+                self._conf = (
+                    rasterio.open(self._tmp_conf, "w", **_raster_profile(item, "uint8", 0))
+                    if self._tmp_conf
+                    else None
+                )
+        except _GDAL_ERRORS as e:
+            raise AdapterError(f"{self.stem}: cannot create output rasters in {self.out_dir}: {e}") from e
+
+    def write(self, window: Window, classes: np.ndarray, confidence: np.ndarray) -> None:
+        """Write one finished block: ``classes`` ``(h, w) uint8``, ``confidence`` ``(h, w) float32`` in
+        [0, 1] (stored as uint8 1..255, 0 = no data). Item nodata pixels become class 255."""
+        info = self.item.info
+        c0, r0, w, h = int(window.col_off), int(window.row_off), int(window.width), int(window.height)
+        if c0 < 0 or r0 < 0 or c0 + w > info.width or r0 + h > info.height:
+            raise ValueError(f"window {_wstr(window)} outside the {info.width}x{info.height} raster")
+        if classes.shape != (h, w) or confidence.shape != (h, w):
+            raise ValueError(f"block shapes {classes.shape}/{confidence.shape} do not match window {(h, w)}")
+        cls = classes.astype(np.uint8, copy=True)
+        valid = self.item.valid_mask(window)
+        if valid is not None:
+            cls[~valid] = NODATA_CLASS
+        self.class_counts += np.bincount(cls.ravel(), minlength=256)
+        self._cls.write(cls, 1, window=window)
+        if self._conf is not None:
+            conf = np.clip(np.rint(np.nan_to_num(confidence, nan=0.0) * 255.0), 1, 255).astype(np.uint8)
+            conf[cls == NODATA_CLASS] = 0
+            self._conf.write(conf, 1, window=window)
+
+    def class_areas(self) -> dict[int, float]:
+        """Area of each predicted class in ``info.area_unit`` (m²), or in pixels when there is no scale."""
+        px = self.item.info.pixel_area or 1.0
+        return {int(c): float(n) * px for c, n in enumerate(self.class_counts[:NODATA_CLASS]) if n}
+
+    def close(self) -> list[Artifact]:
+        """Finalise: ``<stem>_classes.tif`` (COG), ``<stem>_confidence.tif`` (COG),
+        ``<stem>_polygons.geojson`` (rasters with a CRS only) and ``<stem>_overlay.png``."""
+        if self._closed:
+            raise AdapterError(f"{self.stem}: sink already closed")
+        self._closed = True
+        try:
+            self._cls.close()
+            if self._conf is not None:
+                self._conf.close()
+            arts: list[Artifact] = []
+            cls_path = self.out_dir / f"{self.stem}_classes.tif"
+            _to_cog(self._tmp_cls, cls_path, "nearest")
+            arts.append(Artifact("class_raster", cls_path, "image/tiff; application=geotiff"))
+            if self._tmp_conf is not None:
+                conf_path = self.out_dir / f"{self.stem}_confidence.tif"
+                _to_cog(self._tmp_conf, conf_path, "average")
+                arts.append(Artifact("confidence", conf_path, "image/tiff; application=geotiff"))
+            crs = CRS.from_wkt(self.item.info.crs_wkt) if self.item.info.crs_wkt else None
+            if self.polygons and crs is not None:
+                gj = self.out_dir / f"{self.stem}_polygons.geojson"
+                polygonize_classes(cls_path, gj, self.class_names, skip=self.skip, chunk=self.polygon_chunk)
+                arts.append(Artifact("geojson", gj, "application/geo+json"))
+            ov = self.out_dir / f"{self.stem}_overlay.png"
+            write_raster_overlay(self.item, cls_path, ov, self.colors, self.skip, self.overlay_size)
+            arts.append(Artifact("overlay", ov, "image/png"))
+            return arts
+        except _GDAL_ERRORS as e:
+            raise AdapterError(f"{self.stem}: writing outputs failed: {e}") from e
+
+
+def polygonize_classes(
+    class_raster: Path,
+    out_path: Path,
+    class_names: Sequence[str],
+    *,
+    skip: set[int] | None = None,
+    chunk: int = 4096,
+) -> int:
+    """Polygons of each class of a single-band uint8 class raster as GeoJSON in the raster's CRS.
+
+    Properties: ``class_id``, ``class_name``, ``area`` (map units²), ``area_m2`` (None when the unit is
+    unknown). Pixels equal to nodata (255) or in ``skip`` never become polygons. Reads ``chunk``²
+    windows; polygons crossing a chunk edge are split there. Returns the number of features.
+    """
+    skip = set(skip or ()) | {NODATA_CLASS}
+    with _NoGeoWarnings(), rasterio.open(class_raster) as ds:
+        if ds.crs is None:
+            raise AdapterError(f"{Path(class_raster).name}: no CRS, cannot write polygons")
+        factor = _unit_factor(ds.crs)
+        writer = _GeoJsonWriter(out_path, ds.crs)
+        try:
+            for r0 in range(0, ds.height, chunk):
+                for c0 in range(0, ds.width, chunk):
+                    win = Window(c0, r0, min(chunk, ds.width - c0), min(chunk, ds.height - r0))
+                    data = ds.read(1, window=win)
+                    keep = ~np.isin(data, list(skip))
+                    if not keep.any():
+                        continue
+                    for geom, value in shapes(data, mask=keep, connectivity=4,
+                                              transform=window_transform(win, ds.transform)):
+                        cid = int(value)
+                        props = {"class_id": cid, "class_name": _name(class_names, cid)}
+                        props.update(_area_props(geom["coordinates"], ds.crs, factor))
+                        writer.add(geom, props)
+        finally:
+            writer.close()
+        return writer.count
+
+
+def _name(class_names: Sequence[str], cid: int) -> str:
+    return class_names[cid] if 0 <= cid < len(class_names) else f"class_{cid}"
+
+
+def write_raster_overlay(
+    item: Item,
+    class_raster: Path,
+    out_path: Path,
+    colors: Sequence[tuple[int, int, int]],
+    skip: set[int],
+    max_size: int = 1024,
+) -> None:
+    """A decimated ``(H', W', 3)`` preview of ``item`` blended with its class raster, saved as PNG."""
+    rgb = item.preview(max_size)
+    h, w = rgb.shape[:2]
+    with _NoGeoWarnings(), rasterio.open(class_raster) as ds:
+        cls = ds.read(1, out_shape=(h, w), resampling=Resampling.nearest)
+    Image.fromarray(blend_overlay(rgb, cls, colors, skip=skip)).save(out_path)
+
+
+# --------------------------------------------------------------------------------------------- instances
+
+
+def _counts_from_string(s: str | bytes) -> list[int]:
+    """Decode pycocotools' compressed RLE string (LEB128-like, 6 bits per char, delta-coded)."""
+    if isinstance(s, bytes):
+        s = s.decode("ascii")
+    counts: list[int] = []
+    p = 0
+    while p < len(s):
+        x = k = 0
+        more = True
+        while more:
+            c = ord(s[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+def rle_crop(rle: dict[str, Any]) -> tuple[np.ndarray, int, int] | None:
+    """Decode a COCO RLE (``{"size": [H, W], "counts": str | bytes | list}``) into its tight bounding crop.
+
+    Returns ``(mask (h, w) bool, row0, col0)`` or None for an empty mask. Memory is the crop, never
+    ``H * W`` (full-scene instance masks of large rasters would not fit).
+    """
+    h, _ = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    runs = np.asarray(
+        _counts_from_string(counts) if isinstance(counts, (str, bytes)) else list(counts), np.int64
+    )
+    ends = np.cumsum(runs)
+    starts = ends - runs
+    ones = (np.arange(len(runs)) % 2 == 1) & (runs > 0)  # runs alternate 0s, 1s, starting with 0s
+    s, e = starts[ones], ends[ones]
+    if s.size == 0:
+        return None
+    # Split each run of ones into per-column segments (column-major order).
+    segs: list[tuple[int, int, int]] = []
+    for a, b in zip(s.tolist(), e.tolist(), strict=True):
+        while a < b:
+            col, row = divmod(a, h)
+            stop = min(b, (col + 1) * h)
+            segs.append((col, row, row + stop - a))
+            a = stop
+    seg = np.asarray(segs, np.int64)
+    c0, c1 = int(seg[:, 0].min()), int(seg[:, 0].max()) + 1
+    r0, r1 = int(seg[:, 1].min()), int(seg[:, 2].max())
+    out = np.zeros((r1 - r0, c1 - c0), bool)
+    for col, ra, rb in segs:
+        out[ra - r0 : rb - r0, col - c0] = True
+    return out, r0, c0
+
+
+def write_geotiff_instances(
+    item: Item,
+    instances: Sequence[Any],
+    out_dir: Path,
+    class_names: Sequence[str],
+) -> list[Artifact]:
+    """Instance outputs of a raster (see :meth:`GeoTiffFormat.write_instances`)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = output_stem(item)
+    info = item.info
+    n = len(instances)
+    id_dtype = "uint16" if n < 65535 else "uint32"
+    tmp_ids = out_dir / f".{stem}_instances.partial.tif"
+    tmp_cls = out_dir / f".{stem}_instance_classes.partial.tif"
+    crs = CRS.from_wkt(info.crs_wkt) if info.crs_wkt else None
+    gj: _GeoJsonWriter | None = None
+    gj_path = out_dir / f"{stem}_instances.geojson"
+    if crs is not None:
+        gj = _GeoJsonWriter(gj_path, crs)
+    factor = _unit_factor(crs) if crs is not None else None
+    transform = Affine(*info.transform) if info.transform else Affine.identity()
+    try:
+        with _NoGeoWarnings(), rasterio.open(tmp_ids, "w+", **_raster_profile(item, id_dtype, None)) as ids, \
+                rasterio.open(tmp_cls, "w+", **_raster_profile(item, "uint8", NODATA_CLASS)) as cls:
+            # Highest score first: where instances overlap, the more confident one keeps the pixel.
+            for k in sorted(range(n), key=lambda j: -float(instances[j].score)):
+                inst = instances[k]
+                size = [int(v) for v in inst.rle["size"]]
+                if size != [info.height, info.width]:
+                    raise AdapterError(f"{stem}: instance {k + 1} mask is {size}, raster is "
+                                       f"[{info.height}, {info.width}]")
+                crop = rle_crop(inst.rle)
+                if crop is None:
+                    continue
+                m, r0, c0 = crop
+                win = Window(c0, r0, m.shape[1], m.shape[0])
+                valid = item.valid_mask(win)
+                if valid is not None:
+                    m = m & valid
+                cur = ids.read(1, window=win)
+                put = m & (cur == 0)
+                cur[put] = k + 1
+                ids.write(cur, 1, window=win)
+                cc = cls.read(1, window=win)
+                cc[put] = int(inst.class_id)
+                cls.write(cc, 1, window=win)
+                if gj is not None and m.any():
+                    polys = [g["coordinates"] for g, v in shapes(m.astype(np.uint8), mask=m, connectivity=8,
+                                                                 transform=window_transform(win, transform))]
+                    geom = ({"type": "Polygon", "coordinates": polys[0]} if len(polys) == 1
+                            else {"type": "MultiPolygon", "coordinates": polys})
+                    area = [_area_props(p, crs, factor) for p in polys]
+                    gj.add(geom, {
+                        "instance_id": k + 1,
+                        "class_id": int(inst.class_id),
+                        "class_name": _name(class_names, int(inst.class_id)),
+                        "score": round(float(inst.score), 5),
+                        "pixels": int(m.sum()),
+                        "area": sum(a["area"] for a in area),
+                        "area_m2": (sum(a["area_m2"] for a in area)
+                                    if all(a["area_m2"] is not None for a in area) else None),
+                    })
+    except _GDAL_ERRORS as e:
+        raise AdapterError(f"{stem}: writing instance outputs failed: {e}") from e
+    finally:
+        if gj is not None:
+            gj.close()
+    ids_path = out_dir / f"{stem}_instances.tif"
+    cls_path = out_dir / f"{stem}_instance_classes.tif"
+    _to_cog(tmp_ids, ids_path, "nearest")
+    _to_cog(tmp_cls, cls_path, "nearest")
+    arts = [
+        Artifact("instance_raster", ids_path, "image/tiff; application=geotiff"),
+        Artifact("class_raster", cls_path, "image/tiff; application=geotiff"),
+    ]
+    if gj is not None:
+        arts.append(Artifact("geojson", gj_path, "application/geo+json"))
+    return arts
+
+
+# --------------------------------------------------------------------------------------------- format
+
+
+class GeoTiffFormat(Format):
+    """GeoTIFFs and other georeferenced or non-photo TIFFs (many bands, 16-bit, float) via rasterio."""
+
+    name = "geotiff"
+
+    def __init__(self, *, confidence: bool = True, polygons: bool = True, polygon_chunk: int = 4096) -> None:
+        self.confidence = confidence
+        self.polygons = polygons
+        self.polygon_chunk = polygon_chunk
+
+    def sniff(self, path: str, head: bytes) -> bool:
+        """TIFF magic and :func:`looks_geospatial` (plain 8-bit RGB/gray TIFFs go to the photo adapter)."""
+        return head.startswith(_TIFF) and looks_geospatial(path)
+
+    def open(self, path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
+        """Opens the header only; :class:`InputTooLarge` when width * height > ``max_pixels``,
+        :class:`AdapterError` naming the file for corrupt/unreadable rasters."""
+        return GeoTiffSource(path, max_pixels=max_pixels)
+
+    def semantic_sink(
+        self, item: Item, out_dir: Path, class_names: Sequence[str], colors: Sequence[tuple[int, int, int]]
+    ) -> MaskSink:
+        return GeoTiffMaskSink(
+            item, out_dir, class_names, colors,
+            confidence=self.confidence, polygons=self.polygons, polygon_chunk=self.polygon_chunk,
+        )
+
+    def write_instances(
+        self,
+        item: Item,
+        instances: Sequence[Any],
+        out_dir: Path,
+        class_names: Sequence[str],
+        colors: Sequence[tuple[int, int, int]],
+    ) -> list[Artifact]:
+        """``<stem>_instances.tif`` (kind ``instance_raster``; uint16/uint32 ids 1..N in input order, 0 =
+        none), ``<stem>_instance_classes.tif`` (``class_raster``; 255 = none) in the source CRS, and
+        ``<stem>_instances.geojson`` (``geojson``; one feature per instance with ``instance_id``,
+        ``class_id``, ``class_name``, ``score``, ``pixels``, ``area``, ``area_m2``) when the raster has a
+        CRS. Overlapping pixels go to the higher score; nodata pixels are never assigned."""
+        return write_geotiff_instances(item, instances, out_dir, class_names)

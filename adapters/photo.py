@@ -1,0 +1,496 @@
+"""Photos (JPEG, PNG, non-geo TIFF, WebP, BMP, GIF) through Pillow.
+
+A photo source has one item (key ``""``). Pixels are always ``(3, H, W) uint8`` RGB after EXIF orientation:
+grayscale, palette, CMYK and RGBA inputs are converted, 16-bit inputs are scaled by 1/257 (full range, so
+values keep their meaning), float inputs are min-max stretched. Fully transparent pixels (alpha == 0) are
+reported by :meth:`PhotoItem.valid_mask` as no data. Multi-frame files (GIF, multi-page TIFF) use their first
+frame only; ``info.warnings`` says so.
+
+Outputs: a palette PNG class mask (index = class id, 255 = no data), an RGB overlay PNG, and for instance
+models a COCO JSON (``images``/``categories``/``annotations``; ``annotations`` alone is a valid COCO results
+list for ``COCO.loadRes``) plus an overlay with coloured instances and ``class score`` labels.
+
+The small rendering helpers here (:func:`blend_overlay`, :func:`background_ids`, :func:`palette_bytes`) are
+reused by the GeoTIFF adapter for its preview overlay.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps, UnidentifiedImageError
+from pycocotools import mask as mask_utils
+
+from adapters.base import (
+    DEFAULT_MAX_PIXELS,
+    AdapterError,
+    Artifact,
+    Format,
+    InputTooLarge,
+    Item,
+    ItemInfo,
+    MaskSink,
+    Source,
+    UnsupportedInput,
+    Window,
+)
+
+__all__ = [
+    "PhotoFormat",
+    "PhotoItem",
+    "PhotoMaskSink",
+    "PhotoSource",
+    "background_ids",
+    "blend_overlay",
+    "output_stem",
+    "palette_bytes",
+    "to_rgb_uint8",
+]
+
+#: Class value meaning "no data" in every class mask this service writes.
+NODATA_CLASS = 255
+
+_JPEG = b"\xff\xd8\xff"
+_PNG = b"\x89PNG\r\n\x1a\n"
+_GIF = (b"GIF87a", b"GIF89a")
+_BMP = b"BM"
+_TIFF = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_EXIF_ORIENTATION = 0x0112
+#: Pillow errors that mean "this file is broken", as opposed to bugs in our code.
+_PIL_ERRORS = (
+    UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError
+)
+
+
+# --------------------------------------------------------------------------------------------- rendering
+
+
+def background_ids(class_names: Sequence[str]) -> set[int]:
+    """Ids of classes named ``background`` (case-insensitive); overlays leave them transparent."""
+    return {i for i, n in enumerate(class_names) if n.strip().lower() == "background"}
+
+
+def palette_bytes(colors: Sequence[tuple[int, int, int]]) -> list[int]:
+    """A 768-entry Pillow palette: index ``i`` -> ``colors[i]``, unused indices (and 255, no data) black."""
+    pal = [0] * 768
+    for i, c in enumerate(colors[:NODATA_CLASS]):
+        pal[3 * i : 3 * i + 3] = [int(v) & 0xFF for v in c]
+    return pal
+
+
+def blend_overlay(
+    rgb: np.ndarray,
+    classes: np.ndarray,
+    colors: Sequence[tuple[int, int, int]],
+    *,
+    skip: set[int] | None = None,
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """Blend class colours over an image.
+
+    ``rgb`` ``(H, W, 3) uint8``, ``classes`` ``(H, W) uint8`` class ids; pixels whose class is in ``skip``,
+    is 255 (no data) or has no colour are left as they are. Returns ``(H, W, 3) uint8``.
+    """
+    if rgb.shape[:2] != classes.shape:
+        raise ValueError(f"image {rgb.shape[:2]} and classes {classes.shape} differ in size")
+    lut = np.zeros((256, 3), np.float32)
+    paint = np.zeros(256, bool)
+    for i, c in enumerate(colors[:NODATA_CLASS]):
+        lut[i] = c
+        paint[i] = i not in (skip or set())
+    sel = paint[classes]
+    out = rgb.astype(np.float32)
+    out[sel] = (1.0 - alpha) * out[sel] + alpha * lut[classes[sel]]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def output_stem(item: Item) -> str:
+    """File-name stem for an item's outputs: the source file's stem, plus the item key when it has one."""
+    stem = Path(str(getattr(item, "path", "") or "item").rstrip("/")).stem or "item"
+    key = getattr(item, "key", "")
+    return f"{stem}_{key}" if key else stem
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+
+def to_rgb_uint8(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    """Any Pillow image as ``(H, W, 3) uint8`` RGB and an ``(H, W) bool`` alpha-valid mask (None if opaque).
+
+    16-bit integer modes are scaled by 1/257 so that 65535 -> 255; float modes are min-max stretched.
+    """
+    alpha: np.ndarray | None = None
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        alpha = np.asarray(im.getchannel("A")) > 0
+        if alpha.all():
+            alpha = None
+    if im.mode.startswith("I") or im.mode == "F":
+        arr = np.asarray(im).astype(np.float64)
+        if im.mode == "F":
+            finite = arr[np.isfinite(arr)]
+            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+            arr = (np.nan_to_num(arr, nan=lo) - lo) / max(hi - lo, 1e-12) * 255.0
+        elif arr.max(initial=0) > 255:
+            # 16-bit data: full-range scale keeps the meaning of values (a stretch would not).
+            arr = arr / 257.0
+        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2), alpha
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im, dtype=np.uint8), alpha
+
+
+class PhotoItem(Item):
+    """The single image of a photo file; decoded on first use and cached (photos are small)."""
+
+    streamable = False
+
+    def __init__(self, path: str, image: Image.Image, info: ItemInfo) -> None:
+        self.path = path
+        self.key = ""
+        self.group = None
+        self.info = info
+        self._image: Image.Image | None = image
+        self._rgb: np.ndarray | None = None
+        self._alpha: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def _decode(self) -> np.ndarray:
+        with self._lock:
+            if self._rgb is not None:
+                return self._rgb
+            if self._image is None:
+                raise AdapterError(f"{Path(self.path).name}: source already closed")
+            name = Path(self.path).name
+            try:
+                # Truncated files must fail, not decode to grey: Pillow's global default is False,
+                # but set it explicitly in case another library flipped it.
+                ImageFile.LOAD_TRUNCATED_IMAGES = False
+                im = self._image
+                im.seek(0)
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                rgb, alpha = to_rgb_uint8(im)
+            except _PIL_ERRORS as e:
+                raise AdapterError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
+            finally:
+                self._image.close()
+                self._image = None
+            if rgb.shape[:2] != (self.info.height, self.info.width):
+                raise AdapterError(
+                    f"{name}: decoded size {rgb.shape[1]}x{rgb.shape[0]} differs from the header's "
+                    f"{self.info.width}x{self.info.height}"
+                )
+            self._rgb = np.ascontiguousarray(rgb.transpose(2, 0, 1))
+            self._alpha = alpha
+            return self._rgb
+
+    def read(self, window: Window | None = None) -> np.ndarray:
+        """``(3, h, w) uint8`` RGB of ``window`` (whole image if None), EXIF orientation applied."""
+        rgb = self._decode()
+        if window is None:
+            return rgb
+        r0, r1, c0, c1 = _bounds(window, self.info)
+        return rgb[:, r0:r1, c0:c1]
+
+    def valid_mask(self, window: Window | None = None) -> np.ndarray | None:
+        """``(h, w) bool``: False where the image is fully transparent; None for opaque images."""
+        self._decode()
+        if self._alpha is None:
+            return None
+        if window is None:
+            return self._alpha
+        r0, r1, c0, c1 = _bounds(window, self.info)
+        return self._alpha[r0:r1, c0:c1]
+
+    def preview(self, max_size: int = 1024) -> np.ndarray:
+        """``(H, W, 3) uint8``, downscaled (Lanczos) so that the longer side is at most ``max_size``."""
+        rgb = self._decode().transpose(1, 2, 0)
+        h, w = rgb.shape[:2]
+        scale = max_size / max(h, w)
+        if scale >= 1:
+            return np.ascontiguousarray(rgb)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._image is not None:
+                self._image.close()
+                self._image = None
+
+
+def _bounds(window: Window, info: ItemInfo) -> tuple[int, int, int, int]:
+    r0, c0 = int(window.row_off), int(window.col_off)
+    r1, c1 = r0 + int(window.height), c0 + int(window.width)
+    if r0 < 0 or c0 < 0 or r1 > info.height or c1 > info.width or r1 <= r0 or c1 <= c0:
+        raise ValueError(f"window {window} outside the {info.width}x{info.height} image")
+    return r0, r1, c0, c1
+
+
+class PhotoSource(Source):
+    """An opened photo file (one item)."""
+
+    format = "photo"
+
+    def __init__(self, path: str, item: PhotoItem) -> None:
+        self.path = path
+        self._item = item
+
+    def items(self) -> Iterator[Item]:
+        yield self._item
+
+    def close(self) -> None:
+        self._item.close()
+
+
+def _open_photo(path: str, max_pixels: int) -> PhotoSource:
+    name = Path(path).name
+    p = Path(path)
+    if not p.is_file():
+        raise UnsupportedInput(f"{name}: no such file")
+    if p.stat().st_size == 0:
+        raise UnsupportedInput(f"{name}: empty file")
+    try:
+        with warnings.catch_warnings():
+            # We enforce max_pixels ourselves below; Pillow's hard limit (2x MAX_IMAGE_PIXELS) still applies.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)  # header only: no pixel buffer yet
+    except Image.DecompressionBombError as e:
+        raise InputTooLarge(f"{name}: declared size is too large ({e})") from e
+    except UnidentifiedImageError as e:
+        raise UnsupportedInput(f"{name}: not a readable image (JPEG, PNG, TIFF, WebP, BMP, GIF)") from e
+    except _PIL_ERRORS as e:
+        raise AdapterError(f"{name}: corrupt image header ({type(e).__name__}: {e})") from e
+    try:
+        w, h = im.size
+        if w <= 0 or h <= 0:
+            raise AdapterError(f"{name}: image has no pixels ({w}x{h})")
+        if w * h > max_pixels:
+            raise InputTooLarge(f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
+        warn: list[str] = []
+        try:
+            orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
+        except _PIL_ERRORS:
+            orientation = 1
+            warn.append("unreadable EXIF block ignored")
+        if orientation in (5, 6, 7, 8):  # transposed: width and height swap after exif_transpose
+            w, h = h, w
+        n_frames = int(getattr(im, "n_frames", 1) or 1)
+        if n_frames > 1:
+            warn.append(f"{n_frames} frames; only the first is processed")
+        info = ItemInfo(
+            height=h,
+            width=w,
+            bands=3,
+            dtype="uint8",
+            modality="photo",
+            warnings=warn,
+            extra={
+                "file_format": im.format,
+                "source_mode": im.mode,
+                "exif_orientation": orientation,
+                "frames": n_frames,
+            },
+        )
+    except BaseException:
+        im.close()
+        raise
+    return PhotoSource(path, PhotoItem(path, im, info))
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+class PhotoMaskSink(MaskSink):
+    """Collects the whole class mask in memory (photos are small), writes PNGs on close."""
+
+    def __init__(
+        self,
+        item: Item,
+        out_dir: Path,
+        class_names: Sequence[str],
+        colors: Sequence[tuple[int, int, int]],
+    ) -> None:
+        self.item = item
+        self.out_dir = Path(out_dir)
+        self.class_names = list(class_names)
+        self.colors = [tuple(c) for c in colors]
+        self.classes = np.full((item.info.height, item.info.width), NODATA_CLASS, np.uint8)
+        self._closed = False
+
+    def write(self, window: Window, classes: np.ndarray, confidence: np.ndarray) -> None:
+        """Store ``classes`` ``(h, w) uint8`` at ``window``; nodata pixels of the item become 255."""
+        r0, r1, c0, c1 = _bounds(window, self.item.info)
+        if classes.shape != (r1 - r0, c1 - c0):
+            raise ValueError(f"classes {classes.shape} do not match window {window}")
+        block = classes.astype(np.uint8, copy=True)
+        valid = self.item.valid_mask(window)
+        if valid is not None:
+            block[~valid] = NODATA_CLASS
+        self.classes[r0:r1, c0:c1] = block
+
+    def close(self) -> list[Artifact]:
+        """Writes ``<stem>_mask.png`` (palette, index = class id) and ``<stem>_overlay.png``."""
+        if self._closed:
+            raise AdapterError("sink already closed")
+        self._closed = True
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        stem = output_stem(self.item)
+        mask_path = self.out_dir / f"{stem}_mask.png"
+        png = Image.fromarray(self.classes, mode="P")
+        png.putpalette(palette_bytes(self.colors))
+        png.save(mask_path, optimize=True)
+        overlay_path = self.out_dir / f"{stem}_overlay.png"
+        rgb = self.item.read().transpose(1, 2, 0)
+        ov = blend_overlay(rgb, self.classes, self.colors, skip=background_ids(self.class_names))
+        Image.fromarray(ov).save(overlay_path)
+        return [
+            Artifact("mask_png", mask_path, "image/png"),
+            Artifact("overlay", overlay_path, "image/png"),
+        ]
+
+
+def _rle_json(rle: dict[str, Any]) -> dict[str, Any]:
+    counts = rle["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    elif not isinstance(counts, str):  # uncompressed list counts: compress them
+        h, w = rle["size"]
+        counts = mask_utils.frPyObjects({"size": [h, w], "counts": list(counts)}, h, w)["counts"].decode()
+    return {"size": [int(v) for v in rle["size"]], "counts": counts}
+
+
+def _class_name(class_names: Sequence[str], cid: int) -> str:
+    return class_names[cid] if 0 <= cid < len(class_names) else f"class_{cid}"
+
+
+def _instance_colour(colors: Sequence[tuple[int, int, int]], cid: int, k: int) -> tuple[int, int, int]:
+    # Same class, different instances: vary the brightness so touching objects stay distinguishable.
+    base = np.array(colors[cid] if 0 <= cid < len(colors) else (255, 0, 0), np.float32)
+    f = (0.75, 1.0, 0.55, 0.9)[k % 4]
+    return tuple(int(v) for v in np.clip(base * f + (1 - f) * 64, 0, 255))
+
+
+def write_photo_instances(
+    item: Item,
+    instances: Sequence[Any],
+    out_dir: Path,
+    class_names: Sequence[str],
+    colors: Sequence[tuple[int, int, int]],
+) -> list[Artifact]:
+    """COCO JSON and an instance overlay PNG for one photo (see :meth:`PhotoFormat.write_instances`)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = output_stem(item)
+    h, w = item.info.height, item.info.width
+    used = sorted({int(i.class_id) for i in instances} | set(range(len(class_names))))
+    annotations = []
+    for k, inst in enumerate(instances, start=1):
+        rle = _rle_json(inst.rle)
+        if rle["size"] != [h, w]:
+            raise AdapterError(f"{stem}: instance {k} mask is {rle['size']}, image is [{h}, {w}]")
+        annotations.append(
+            {
+                "id": k,
+                "image_id": 1,
+                "category_id": int(inst.class_id),
+                "score": round(float(inst.score), 5),
+                "bbox": [round(float(v), 2) for v in inst.box],
+                "area": int(inst.area),
+                "iscrowd": 0,
+                "segmentation": rle,
+            }
+        )
+    file_name = Path(str(getattr(item, "path", stem))).name
+    coco = {
+        "images": [{"id": 1, "file_name": file_name, "width": w, "height": h}],
+        "categories": [{"id": c, "name": _class_name(class_names, c)} for c in used],
+        "annotations": annotations,
+    }
+    json_path = out_dir / f"{stem}_coco.json"
+    json_path.write_text(json.dumps(coco))
+
+    rgb = item.read().transpose(1, 2, 0).astype(np.float32)
+    labels = []
+    # Paint low scores first so the most confident instance ends up on top.
+    order = sorted(range(len(instances)), key=lambda j: float(instances[j].score))
+    for j in order:
+        inst = instances[j]
+        m = mask_utils.decode(annotations[j]["segmentation"]).astype(bool)
+        col = _instance_colour(colors, int(inst.class_id), j)
+        rgb[m] = 0.45 * rgb[m] + 0.55 * np.array(col, np.float32)
+        labels.append((inst, col))
+    canvas = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=max(10, min(h, w) // 30))
+    for inst, col in labels:
+        x, y, bw, bh = (float(v) for v in inst.box)
+        draw.rectangle([x, y, x + bw, y + bh], outline=col, width=max(1, min(h, w) // 200))
+        text = f"{_class_name(class_names, int(inst.class_id))} {float(inst.score):.2f}"
+        tx, ty = x + 2, max(0.0, y - font.size - 4)
+        box = draw.textbbox((tx, ty), text, font=font)
+        draw.rectangle(box, fill=col)
+        draw.text((tx, ty), text, fill=(0, 0, 0) if sum(col) > 380 else (255, 255, 255), font=font)
+    overlay_path = out_dir / f"{stem}_instances.png"
+    canvas.save(overlay_path)
+    return [
+        Artifact("coco_json", json_path, "application/json"),
+        Artifact("overlay", overlay_path, "image/png"),
+    ]
+
+
+class PhotoFormat(Format):
+    """JPEG, PNG, TIFF without georeferencing, WebP, BMP and GIF via Pillow."""
+
+    name = "photo"
+
+    def sniff(self, path: str, head: bytes) -> bool:
+        """Magic bytes; TIFFs only when the GeoTIFF adapter does not claim them (no CRS, 1-3 uint8 bands)."""
+        if head.startswith((_JPEG, _PNG, _BMP) + _GIF):
+            return True
+        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+            return True
+        if head.startswith(_TIFF):
+            from adapters.geotiff import looks_geospatial  # lazy: geotiff imports this module
+
+            return not looks_geospatial(path)
+        return False
+
+    def open(self, path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
+        """Reads the header only (size, EXIF orientation, frames); pixels are decoded on first read.
+
+        Raises :class:`InputTooLarge` when the declared size exceeds ``max_pixels`` (or Pillow's own
+        decompression-bomb limit), :class:`UnsupportedInput` for non-images and empty files, and
+        :class:`AdapterError` for corrupt or truncated files (at open or at the first read).
+        """
+        return _open_photo(path, max_pixels)
+
+    def semantic_sink(
+        self, item: Item, out_dir: Path, class_names: Sequence[str], colors: Sequence[tuple[int, int, int]]
+    ) -> MaskSink:
+        return PhotoMaskSink(item, out_dir, class_names, colors)
+
+    def write_instances(
+        self,
+        item: Item,
+        instances: Sequence[Any],
+        out_dir: Path,
+        class_names: Sequence[str],
+        colors: Sequence[tuple[int, int, int]],
+    ) -> list[Artifact]:
+        """``<stem>_coco.json`` (kind ``coco_json``) and ``<stem>_instances.png`` (kind ``overlay``).
+
+        The JSON holds ``images`` (one, id 1), ``categories`` (every class name plus any id used) and
+        ``annotations``: ``{id, image_id, category_id, score, bbox [x, y, w, h] px, area px,
+        segmentation: {"size": [H, W], "counts": str}}``.
+        """
+        return write_photo_instances(item, instances, out_dir, class_names, colors)

@@ -1,0 +1,271 @@
+"""The HTTP API (FastAPI). OpenAPI docs at /docs. Jobs are created here and processed by workers."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from api import schemas
+from core import jobs
+from core.db import session_scope
+from core.models import Item
+from core.settings import get_settings
+from core.store import ArtifactStore
+
+app = FastAPI(title="tileseg", version="0.1.0",
+              description="Batch segmentation service: submit jobs, follow them, fetch masks and metrics.")
+
+
+def current_owner(request: Request) -> str | None:
+    """The caller's identity; None means anonymous (no access control configured)."""
+    return None
+
+
+Owner = Annotated[str | None, Depends(current_owner)]
+
+
+@app.exception_handler(RequestValidationError)
+async def _readable_422(_: Request, exc: RequestValidationError) -> JSONResponse:
+    msgs = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        msgs.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+    return JSONResponse(status_code=422, content={"detail": "; ".join(msgs), "errors": jsonable(exc.errors())})
+
+
+def jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _job_or_404(session: Any, job_id: uuid.UUID, owner: str | None) -> Any:
+    job = jobs.get_job(session, job_id, owner)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    return job
+
+
+# Health ---------------------------------------------------------------------------------------------------
+@app.get("/health", response_model=schemas.Health, tags=["service"])
+def health() -> JSONResponse:
+    """Checks the database and the broker; 503 if either is down."""
+    from sqlalchemy import text
+
+    db = broker = "ok"
+    try:
+        with session_scope() as s:
+            s.execute(text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001
+        db = f"error: {type(exc).__name__}"
+    try:
+        from worker.app import app as celery_app
+
+        with celery_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+    except Exception as exc:  # noqa: BLE001
+        broker = f"error: {type(exc).__name__}"
+    ok = db == "ok" and broker == "ok"
+    body = schemas.Health(status="ok" if ok else "degraded", database=db, broker=broker)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+@app.get("/models", response_model=list[schemas.ModelOut], tags=["models"])
+def models(_: Owner) -> list[schemas.ModelOut]:
+    from pipelines.registry import find_specs
+
+    return [schemas.ModelOut(name=s.name, kind=s.kind, source=s.source, source_format=s.source_format,
+                             classes=s.class_names, input_size=s.input_size, channels=s.channels, mode=s.mode,
+                             default_for=s.default_for, description=s.description)
+            for s in sorted(find_specs().values(), key=lambda s: s.name)]
+
+
+# Submission -----------------------------------------------------------------------------------------------
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _safe_name(name: str | None, n: int) -> str:
+    base = _SAFE.sub("_", Path(name or "").name)[:100].strip("._") or "upload"
+    return f"{n:05d}-{base}"
+
+
+async def _uploaded_inputs(request: Request, job_hint: uuid.UUID) -> tuple[list[jobs.InputSpec], dict[str, Any]]:
+    """Stream multipart uploads into the artifact store (never trusting file names); other form fields
+    come back as a dict."""
+    s = get_settings()
+    limit = s.max_upload_bytes
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > limit:
+        raise HTTPException(413, f"upload of {declared} bytes exceeds the limit of {limit} bytes")
+    form = await request.form(max_files=10_000, max_fields=100)
+    store = ArtifactStore(s.artifacts, s.storage_options)
+    inputs: list[jobs.InputSpec] = []
+    fields: dict[str, Any] = {}
+    total = 0
+    import tempfile
+
+    for n, (key, value) in enumerate(form.multi_items()):
+        if isinstance(value, str):
+            fields[key] = value
+            continue
+        with tempfile.NamedTemporaryFile(prefix="tileseg-up-", delete=True) as tmp:
+            while chunk := await value.read(1 << 20):
+                total += len(chunk)
+                if total > limit:
+                    raise HTTPException(413, f"uploads exceed the limit of {limit} bytes")
+                tmp.write(chunk)
+            tmp.flush()
+            stored = store.put(Path(tmp.name), f"uploads/{job_hint}/{_safe_name(value.filename, n)}")
+        inputs.append(jobs.InputSpec(path=stored.uri))
+    return inputs, fields
+
+
+@app.post("/jobs", status_code=202, response_model=schemas.JobOut, tags=["jobs"],
+          openapi_extra={"requestBody": {"content": {
+              "application/json": {"schema": schemas.JobIn.model_json_schema()},
+              "multipart/form-data": {"schema": {"type": "object", "properties": {
+                  "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                  "pipeline": {"type": "string"}, "options": {"type": "string", "description": "JSON"}}}}}}})
+async def submit(request: Request, owner: Owner) -> JSONResponse:
+    """Submit a job: JSON with server-side paths (under the input roots) or URLs, or multipart uploads.
+    Returns 202 with the job; poll ``GET /jobs/{id}``."""
+    from worker.submit import QueueUnavailable, UnknownPipeline, submit_job
+
+    s = get_settings()
+    ctype = request.headers.get("content-type", "")
+    try:
+        if ctype.startswith("multipart/form-data"):
+            uploaded, fields = await _uploaded_inputs(request, uuid.uuid4())
+            body = schemas.JobIn(inputs=[i.path for i in uploaded] or ["<no files>"],
+                                 pipeline=fields.get("pipeline", "auto"),
+                                 options=json.loads(fields.get("options") or "{}"))
+            if not uploaded:
+                raise HTTPException(422, "multipart request has no files")
+            inputs = uploaded
+        else:
+            raw = await request.body()
+            if len(raw) > 10 * 1024 * 1024:
+                raise HTTPException(413, "request body over 10 MiB: upload files instead of listing them")
+            body = schemas.JobIn.model_validate_json(raw or b"{}")
+            inputs = []
+            for i in body.inputs:
+                try:
+                    path = jobs.check_input_path(i.path, s.input_roots)
+                    truth = jobs.check_input_path(i.truth, s.input_roots) if i.truth else None
+                except jobs.PathNotAllowed as exc:
+                    raise HTTPException(422, str(exc)) from exc
+                inputs.append(jobs.InputSpec(path=path, truth=truth))
+        if len(inputs) > s.max_inputs_per_job:
+            raise HTTPException(413, f"{len(inputs)} inputs exceed the limit of {s.max_inputs_per_job} per job")
+        job_id = submit_job(inputs, body.pipeline, body.options.model_dump(exclude_none=True), owner)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc
+    except json.JSONDecodeError as exc:
+        raise HTTPException(422, f"options: not valid JSON ({exc})") from exc
+    except UnknownPipeline as exc:
+        raise HTTPException(422, str(exc)) from exc
+    except QueueUnavailable as exc:
+        raise HTTPException(503, str(exc)) from exc
+    with session_scope() as session:
+        job = jobs.get_job(session, job_id)
+        return JSONResponse(jsonable(schemas.JobOut.of(job).model_dump()), status_code=202,
+                            headers={"Location": f"/jobs/{job_id}"})
+
+
+# Queries --------------------------------------------------------------------------------------------------
+@app.get("/jobs", response_model=schemas.JobList, tags=["jobs"])
+def list_jobs(owner: Owner, status_: Annotated[str | None, Query(alias="status")] = None,
+              since: datetime | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+              offset: Annotated[int, Query(ge=0)] = 0) -> schemas.JobList:
+    from core.models import JobStatus
+
+    if status_ is not None and status_ not in JobStatus.__members__:
+        raise HTTPException(422, f"status: must be one of {', '.join(JobStatus.__members__)}")
+    with session_scope() as session:
+        rows, total = jobs.list_jobs(session, owner=owner, status=status_, since=since, limit=limit, offset=offset)
+        return schemas.JobList(total=total, limit=limit, offset=offset, jobs=[schemas.JobOut.of(j) for j in rows])
+
+
+@app.get("/jobs/{job_id}", response_model=schemas.JobDetail, tags=["jobs"])
+def get_job(job_id: uuid.UUID, owner: Owner) -> schemas.JobDetail:
+    with session_scope() as session:
+        return schemas.JobDetail.of(_job_or_404(session, job_id, owner))
+
+
+@app.post("/jobs/{job_id}/cancel", response_model=schemas.JobOut, tags=["jobs"])
+def cancel(job_id: uuid.UUID, owner: Owner) -> schemas.JobOut:
+    """Stop scheduling the job's remaining items; finished results are kept."""
+    with session_scope() as session:
+        _job_or_404(session, job_id, owner)
+        job = jobs.cancel_job(session, job_id)
+        out = schemas.JobOut.of(job)
+    from worker.tasks import finalize_job
+
+    try:
+        finalize_job.delay(str(job_id))
+    except Exception:  # noqa: BLE001 - aggregation happens anyway when running items finish
+        pass
+    return out
+
+
+@app.get("/jobs/{job_id}/items", response_model=schemas.ItemList, tags=["results"])
+def list_items(job_id: uuid.UUID, owner: Owner, status_: Annotated[str | None, Query(alias="status")] = None,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+               offset: Annotated[int, Query(ge=0)] = 0) -> schemas.ItemList:
+    with session_scope() as session:
+        _job_or_404(session, job_id, owner)
+        rows, total = jobs.list_items(session, job_id, status=status_, limit=limit, offset=offset)
+        return schemas.ItemList(total=total, limit=limit, offset=offset, items=[schemas.ItemOut.of(i) for i in rows])
+
+
+@app.get("/jobs/{job_id}/items/{item_id}", response_model=schemas.ItemDetail, tags=["results"])
+def get_item(job_id: uuid.UUID, item_id: uuid.UUID, owner: Owner) -> schemas.ItemDetail:
+    with session_scope() as session:
+        _job_or_404(session, job_id, owner)
+        item = session.get(Item, item_id)
+        if item is None or item.job_id != job_id:
+            raise HTTPException(404, f"item {item_id} not found")
+        return schemas.ItemDetail(
+            **schemas.ItemOut.of(item).model_dump(),
+            metrics=[schemas.MetricOut.of(m) for m in jobs.job_metrics(session, job_id, item_id)],
+            instances=[schemas.InstanceOut.of(r) for r in jobs.item_instances(session, item_id)],
+        )
+
+
+@app.get("/jobs/{job_id}/metrics", response_model=schemas.JobMetrics, tags=["results"])
+def job_metrics(job_id: uuid.UUID, owner: Owner) -> schemas.JobMetrics:
+    """Per-class figures aggregated over the job (available once it has finished)."""
+    with session_scope() as session:
+        job = _job_or_404(session, job_id, owner)
+        return schemas.JobMetrics(job_id=job_id, status=job.status,
+                                  classes=[schemas.MetricOut.of(m) for m in jobs.job_metrics(session, job_id)])
+
+
+@app.get("/jobs/{job_id}/items/{item_id}/artifacts/{kind}", tags=["results"],
+         responses={200: {"content": {"application/octet-stream": {}}}})
+def download(job_id: uuid.UUID, item_id: uuid.UUID, kind: str, owner: Owner) -> Any:
+    """Download one output (class_raster, mask_png, overlay, geojson, dicom_seg, coco_json, ...)."""
+    with session_scope() as session:
+        _job_or_404(session, job_id, owner)
+        item = session.get(Item, item_id)
+        if item is None or item.job_id != job_id or kind not in (item.artifacts or {}):
+            raise HTTPException(404, f"no {kind} artifact for item {item_id}")
+        art = item.artifacts[kind]
+    s = get_settings()
+    store = ArtifactStore(s.artifacts, s.storage_options)
+    filename = Path(art["uri"]).name
+    local = store.local_path(art["uri"])
+    if local is not None:
+        if not local.is_file():
+            raise HTTPException(410, f"{kind} artifact is missing from the store")
+        return FileResponse(local, media_type=art["media_type"], filename=filename)
+    fh = store.open(art["uri"])
+    return StreamingResponse(iter(lambda: fh.read(1 << 20), b""), media_type=art["media_type"],
+                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})

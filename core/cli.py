@@ -1,0 +1,376 @@
+"""The ``tileseg`` command line: submit and follow jobs, run workers and the API, manage the database.
+
+Human tables by default; ``--json`` prints machine-readable output for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+
+from core.settings import get_settings
+
+__all__ = ["main"]
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def ensure_schema() -> None:
+    """Embedded mode needs no setup step: bring the SQLite schema up to date automatically.
+
+    With PostgreSQL, migrations are an explicit step (`tileseg db upgrade`, the compose `migrate` service).
+    """
+    if get_settings().db_url.startswith("sqlite"):
+        from core.db import upgrade
+
+        upgrade()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option("0.1.0", prog_name="tileseg")
+def main() -> None:
+    """tileseg: tiled semantic and instance segmentation over GeoTIFF, DICOM and photo batches."""
+    import logging
+
+    logging.basicConfig(level=os.environ.get("TILESEG_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# Database -------------------------------------------------------------------------------------------------
+@main.group()
+def db() -> None:
+    """Database schema (Alembic migrations)."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Apply migrations up to REVISION (default: head)."""
+    from core.db import upgrade
+
+    upgrade(revision)
+    click.echo(f"database at {revision}: {_redact(get_settings().db_url)}")
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return url
+
+
+# Models ---------------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def models(as_json: bool) -> None:
+    """List the registered models (built-in and from TILESEG_MODEL_DIRS)."""
+    from pipelines.registry import find_specs
+
+    specs = sorted(find_specs().values(), key=lambda s: s.name)
+    rows = [{"name": s.name, "kind": s.kind, "source": s.source, "source_format": s.source_format,
+             "classes": s.class_names, "input_size": s.input_size, "channels": s.channels, "mode": s.mode,
+             "normalization": s.normalization.kind, "default_for": s.default_for} for s in specs]
+    if as_json:
+        _echo_json(rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="registered models")
+    for col in ("name", "kind", "input", "classes", "default for", "source"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], r["kind"], f"{r['input_size']}px x{r['channels']} {r['mode']} ({r['normalization']})",
+                  ", ".join(r["classes"][:6]) + (" ..." if len(r["classes"]) > 6 else ""),
+                  ", ".join(r["default_for"]) or "-", r["source"])
+    Console().print(t)
+
+
+# Jobs -----------------------------------------------------------------------------------------------------
+def _parse_inputs(inputs: tuple[str, ...], truth: tuple[str, ...]) -> list:
+    from core.jobs import InputSpec
+
+    if truth and len(truth) != len(inputs):
+        raise click.BadParameter("give one --truth per input, in the same order")
+    out = []
+    for n, p in enumerate(inputs):
+        path = p if "://" in p else str(Path(p).expanduser().resolve())
+        if "://" not in p and not any(c in p for c in "*?[") and not os.path.exists(path):
+            raise click.BadParameter(f"{p}: no such file or folder")
+        t = truth[n] if truth else None
+        out.append(InputSpec(path=path, truth=str(Path(t).resolve()) if t else None))
+    return out
+
+
+def _options(score_threshold: float | None, truth_map: str | None) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if score_threshold is not None:
+        opts["score_threshold"] = score_threshold
+    if truth_map:
+        try:
+            opts["truth_map"] = {str(k): int(v) for k, v in json.loads(truth_map).items()}
+        except (ValueError, AttributeError) as exc:
+            raise click.BadParameter(f"--truth-map must be a JSON object of value -> class id: {exc}") from exc
+    return opts
+
+
+_job_options = [
+    click.argument("inputs", nargs=-1, required=True),
+    click.option("--pipeline", "-p", default="auto", show_default=True,
+                 help="model name (see `tileseg models`) or 'auto' for each input kind's default"),
+    click.option("--truth", multiple=True, help="ground-truth mask per input (enables Dice/IoU)"),
+    click.option("--truth-map", help='JSON mapping of truth values to class ids, e.g. \'{"1":0,"2":1,"3":2}\''),
+    click.option("--score-threshold", type=float, help="instance models: minimum score"),
+    click.option("--json", "as_json", is_flag=True, help="machine-readable output"),
+]
+
+
+def job_options(f: Any) -> Any:
+    for opt in reversed(_job_options):
+        f = opt(f)
+    return f
+
+
+def _submit(inputs, pipeline, truth, truth_map, score_threshold) -> uuid.UUID:  # noqa: ANN001
+    from worker.submit import QueueUnavailable, UnknownPipeline, submit_job
+
+    ensure_schema()
+    try:
+        return submit_job(_parse_inputs(inputs, truth), pipeline, _options(score_threshold, truth_map))
+    except (UnknownPipeline, QueueUnavailable) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@job_options
+def submit(inputs, pipeline, truth, truth_map, score_threshold, as_json) -> None:  # noqa: ANN001
+    """Submit INPUTS (files, folders, globs or URLs) as one job; prints the job ID."""
+    job_id = _submit(inputs, pipeline, truth, truth_map, score_threshold)
+    if as_json:
+        _echo_json(_status_json(job_id))
+    else:
+        click.echo(str(job_id))
+
+
+def _status_json(job_id: uuid.UUID) -> dict[str, Any]:
+    from api.schemas import JobDetail
+    from core import jobs
+    from core.db import session_scope
+
+    with session_scope() as session:
+        job = jobs.get_job(session, job_id)
+        if job is None:
+            raise click.ClickException(f"job {job_id} not found")
+        return JobDetail.of(job).model_dump(mode="json")
+
+
+def _results_json(job_id: uuid.UUID) -> dict[str, Any]:
+    from api.schemas import ItemOut, MetricOut
+    from core import jobs
+    from core.db import session_scope
+
+    out = _status_json(job_id)
+    with session_scope() as session:
+        items, _ = jobs.list_items(session, job_id, limit=1_000_000)
+        out["classes"] = [MetricOut.of(m).model_dump() for m in jobs.job_metrics(session, job_id)]
+        out["items"] = []
+        for it in items:
+            d = ItemOut.of(it).model_dump(mode="json")
+            # The CLI reads the store directly, so give artifact locations rather than API URLs.
+            d["artifacts"] = {k: v["uri"] for k, v in (it.artifacts or {}).items()}
+            d["metrics"] = [MetricOut.of(m).model_dump() for m in jobs.job_metrics(session, job_id, it.id)]
+            d["instances"] = len(jobs.item_instances(session, it.id))
+            out["items"].append(d)
+    return out
+
+
+def _job_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not a job ID") from exc
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+def status(job_id: str, as_json: bool) -> None:
+    """Show a job's status and progress."""
+    d = _status_json(_job_id(job_id))
+    if as_json:
+        _echo_json(d)
+        return
+    click.echo(f"job {d['id']}  {d['status']}  {d['items_done']}/{d['items_total']} items "
+               f"({d['items_failed']} failed)  pipeline={d['pipeline']}")
+    if d["error"]:
+        click.echo(f"error: {d['error']}")
+
+
+def _print_results(d: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    con.print(f"[bold]job {d['id']}[/bold]  status [bold]{d['status']}[/bold]  "
+              f"{d['items_total'] - d['items_failed']}/{d['items_total']} items ok, {d['items_failed']} failed")
+    if d.get("error"):
+        con.print(f"[red]{d['error']}[/red]")
+    if d["classes"]:
+        t = Table(title="per-class figures (whole job)")
+        for col in ("class", "pixels", "fraction", "mean conf", "area", "instances", "mean score", "Dice", "IoU"):
+            t.add_column(col, justify="right" if col != "class" else "left")
+
+        def f(v: Any, fmt: str = "{:.3f}") -> str:
+            return "-" if v is None else fmt.format(v)
+
+        for c in d["classes"]:
+            area = "-" if c["area"] is None else f"{c['area']:.6g} {c['area_unit'] or ''}"
+            t.add_row(c["class_name"], f"{c['pixel_count']:,}", f(c["fraction"]), f(c["mean_confidence"]), area,
+                      f(c["instance_count"], "{}"), f(c["mean_score"]), f(c["dice"]), f(c["iou"]))
+        con.print(t)
+    t = Table(title="items")
+    for col in ("#", "input", "model", "status", "outputs / error"):
+        t.add_column(col)
+    for it in d["items"]:
+        name = Path(it["source"]).name + (f" [{it['key']}]" if it["key"] else "")
+        outs = it["error"] or "\n".join(f"{k}: {v}" for k, v in sorted(it["artifacts"].items()))
+        t.add_row(str(it["seq"]), name, str(it["meta"].get("model", "-")), it["status"], outs)
+    con.print(t)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+def results(job_id: str, as_json: bool) -> None:
+    """Per-class figures and per-item outputs of a job."""
+    d = _results_json(_job_id(job_id))
+    _echo_json(d) if as_json else _print_results(d)
+
+
+@main.command()
+@click.argument("job_id")
+def cancel(job_id: str) -> None:
+    """Cancel a job (finished results are kept)."""
+    from core import jobs
+    from core.db import session_scope
+
+    with session_scope() as session:
+        job = jobs.cancel_job(session, _job_id(job_id))
+        if job is None:
+            raise click.ClickException(f"job {job_id} not found")
+        click.echo(f"job {job_id}: {job.status}")
+
+
+def _spawn_worker() -> subprocess.Popen:
+    """A local worker for `run` in embedded mode: same tasks, same queue, separate process (so TensorFlow
+    never loads in this process)."""
+    cmd = [sys.executable, "-m", "core.cli", "worker", "--pool", "solo", "--loglevel", "WARNING"]
+    return subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True)
+
+
+@main.command()
+@job_options
+@click.option("--local-worker/--no-local-worker", default=None,
+              help="start a worker for this run (default: yes in embedded mode, no with a broker URL)")
+@click.option("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+def run(inputs, pipeline, truth, truth_map, score_threshold, as_json, local_worker, timeout) -> None:  # noqa: ANN001
+    """Submit INPUTS and wait for the job with a progress bar, then print the results."""
+    s = get_settings()
+    job_id = _submit(inputs, pipeline, truth, truth_map, score_threshold)
+    if not as_json:
+        click.echo(f"job {job_id} submitted", err=True)
+    worker = _spawn_worker() if (local_worker if local_worker is not None else s.embedded_queue) else None
+    try:
+        d = _wait(job_id, show=not as_json, timeout=timeout, worker=worker)
+    finally:
+        if worker is not None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+    full = _results_json(job_id)
+    _echo_json(full) if as_json else _print_results(full)
+    if d["status"] not in ("succeeded", "partial"):
+        sys.exit(1)
+
+
+def _wait(job_id: uuid.UUID, show: bool, timeout: float | None, worker: subprocess.Popen | None) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    t0 = time.monotonic()
+    terminal = {"succeeded", "failed", "partial", "cancelled"}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not show, transient=False) as bar:
+        task = bar.add_task("planning", total=None)
+        while True:
+            d = _status_json(job_id)
+            if d["items_total"]:
+                bar.update(task, total=d["items_total"], completed=d["items_done"],
+                           description=f"{d['status']} ({d['items_failed']} failed)")
+            if d["status"] in terminal and (d["finished_at"] or d["status"] == "cancelled"):
+                return d
+            if worker is not None and worker.poll() is not None:
+                raise click.ClickException(f"the local worker exited with code {worker.returncode}")
+            if timeout and time.monotonic() - t0 > timeout:
+                raise click.ClickException(f"job {job_id} not finished after {timeout:.0f} s (still {d['status']})")
+            time.sleep(0.5)
+
+
+# Processes ------------------------------------------------------------------------------------------------
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--concurrency", "-c", type=int, default=None, help="worker processes (default from settings)")
+@click.option("--pool", default="prefork", show_default=True, help="prefork (recycles children) or solo")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(concurrency: int | None, pool: str, loglevel: str, celery_args: tuple[str, ...]) -> None:
+    """Run a Celery worker (any number, on any machine sharing the broker, database and store)."""
+    ensure_schema()
+    from worker.app import app
+
+    s = get_settings()
+    argv = ["worker", f"--pool={pool}", f"--loglevel={loglevel}", "-Q", "tileseg",
+            f"--concurrency={concurrency or s.worker_concurrency}", "--without-gossip", "--without-mingle",
+            *celery_args]
+    app.worker_main(argv)
+
+
+@main.command()
+@click.option("--host", default=None, help="bind address (default from settings)")
+@click.option("--port", type=int, default=None)
+def api(host: str | None, port: int | None) -> None:
+    """Serve the HTTP API (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    ensure_schema()
+    s = get_settings()
+    uvicorn.run("api.app:app", host=host or s.api_host, port=port or s.api_port, log_level="info")
+
+
+def _register_optional() -> None:
+    """Commands whose modules are optional in a slim install (training needs extra data and time)."""
+    try:
+        from core.cli_train import eval_command, train
+    except ImportError:
+        return
+    main.add_command(train)
+    main.add_command(eval_command, "eval")
+
+
+_register_optional()
+
+if __name__ == "__main__":
+    main()

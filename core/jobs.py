@@ -1,0 +1,300 @@
+"""Jobs as data: creation, expansion into items, state transitions and queries.
+
+Used by the API, the CLI and the worker. State changes are conditional UPDATEs so that a task delivered
+twice (worker killed, broker restarted) never counts an item twice or moves a finished job backwards.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from core.models import TERMINAL_ITEM, ClassMetric, InstanceRow, Item, ItemStatus, Job, JobStatus, utcnow
+
+__all__ = [
+    "InputSpec",
+    "PathNotAllowed",
+    "cancel_job",
+    "check_input_path",
+    "create_job",
+    "expand_inputs",
+    "finish_item",
+    "get_job",
+    "list_items",
+    "list_jobs",
+]
+
+log = logging.getLogger(__name__)
+
+#: Files we never treat as inputs when walking a folder.
+_SKIP_NAMES = {".DS_Store", "Thumbs.db", "DICOMDIR"}
+
+
+class PathNotAllowed(ValueError):
+    """A server-side input path resolves outside the configured input roots."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One submitted input: a path or URL, and optionally a ground-truth mask for scoring."""
+
+    path: str
+    truth: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "truth": self.truth}
+
+
+def check_input_path(path: str, roots: Sequence[Path]) -> str:
+    """Resolve ``path`` (symlinks included) and require it to lie inside one of ``roots``.
+
+    Returns the resolved path. Raises :class:`PathNotAllowed`: no ``..`` escapes, no symlinks pointing out,
+    no absolute paths elsewhere. Object-store URLs are checked by the store's own credentials instead.
+    """
+    if "://" in path:
+        return path
+    if "\x00" in path:
+        raise PathNotAllowed("input path contains a NUL byte")
+    if not roots:
+        raise PathNotAllowed("server-side input paths are disabled: set TILESEG_INPUT_ROOTS on the server")
+    resolved_roots = [Path(r).expanduser().resolve() for r in roots]
+    candidate = Path(path).expanduser()
+    if not candidate.is_absolute():
+        candidate = resolved_roots[0] / candidate
+    resolved = candidate.resolve()
+    for root in resolved_roots:
+        if resolved == root or resolved.is_relative_to(root):
+            return str(resolved)
+    raise PathNotAllowed(f"{path}: outside the allowed input roots")
+
+
+def create_job(
+    session: Session,
+    inputs: Sequence[InputSpec],
+    pipeline: str = "auto",
+    options: dict[str, Any] | None = None,
+    owner: str | None = None,
+) -> Job:
+    """Insert a queued job; the caller commits and then enqueues ``plan_job``."""
+    job = Job(
+        id=uuid.uuid4(),
+        owner=owner,
+        pipeline=pipeline,
+        options=dict(options or {}),
+        inputs=[i.to_json() for i in inputs],
+        status=JobStatus.queued,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def _walk(path: str) -> Iterable[str]:
+    """Files and DICOM-series folders under ``path``, in a stable order."""
+    from adapters import detect
+
+    if "://" in path:
+        yield path
+        return
+    if any(ch in path for ch in "*?[") and not os.path.exists(path):
+        for p in sorted(glob.glob(path, recursive=True)):
+            yield from _walk(p)
+        return
+    if not os.path.isdir(path):
+        yield path
+        return
+    try:
+        fmt = detect(path)
+    except Exception:  # noqa: BLE001 - any folder nobody claims is walked instead
+        fmt = None
+    if fmt is not None:
+        yield path  # a DICOM series folder is one source
+        return
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.startswith(".") or name in _SKIP_NAMES:
+                continue
+            yield os.path.join(dirpath, name)
+
+
+@dataclass
+class PlannedItem:
+    source: str
+    key: str
+    group: str | None
+    format: str | None
+    truth: str | None
+    meta: dict[str, Any]
+    error: str | None = None
+
+
+def expand_inputs(inputs: Sequence[dict[str, Any]], max_pixels: int, storage_options: dict[str, Any]
+                  ) -> list[PlannedItem]:
+    """Open every input and list its items. Inputs that cannot be read become failed items, not errors."""
+    from adapters import AdapterError, open_input
+    from core.store import fetch_input
+
+    planned: list[PlannedItem] = []
+    for spec in inputs:
+        truth = spec.get("truth")
+        for path in _walk(spec["path"]):
+            try:
+                with fetch_input(path, storage_options) as local:
+                    fmt, source = open_input(local, max_pixels=max_pixels)
+                    with source:
+                        items = list(source.items())
+                    if not items:
+                        raise AdapterError(f"{os.path.basename(path)}: contains no images")
+                    for it in items:
+                        planned.append(PlannedItem(source=path, key=it.key, group=it.group, format=fmt.name,
+                                                   truth=truth, meta=it.info.to_json()))
+            except AdapterError as exc:
+                planned.append(PlannedItem(source=path, key="", group=None, format=None, truth=truth, meta={},
+                                           error=str(exc)))
+            except Exception as exc:  # noqa: BLE001 - a hostile file must not sink the whole job
+                log.exception("unexpected error opening %s", path)
+                planned.append(PlannedItem(source=path, key="", group=None, format=None, truth=truth, meta={},
+                                           error=f"{os.path.basename(path)}: cannot be read ({type(exc).__name__}: {exc})"))
+    return planned
+
+
+def record_plan(session: Session, job_id: uuid.UUID, planned: Sequence[PlannedItem]) -> list[Item]:
+    """Store the planned items and counters in one transaction (idempotent: a planned job is left alone)."""
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None or job.planned:
+        return []
+    rows: list[Item] = []
+    failed = 0
+    now = utcnow()
+    for seq, p in enumerate(planned):
+        status = ItemStatus.failed if p.error else ItemStatus.pending
+        failed += bool(p.error)
+        rows.append(Item(id=uuid.uuid4(), job_id=job_id, seq=seq, source=p.source, key=p.key, group=p.group,
+                         format=p.format, truth=p.truth, meta=p.meta, status=status, error=p.error,
+                         finished_at=now if p.error else None))
+    session.add_all(rows)
+    job.items_total = len(rows)
+    job.items_done = failed
+    job.items_failed = failed
+    job.planned = True
+    if job.status == JobStatus.queued:
+        job.status = JobStatus.running
+        job.started_at = now
+    if not rows:
+        job.error = "no inputs found"
+    return rows
+
+
+def start_item(session: Session, item_id: uuid.UUID) -> bool:
+    """Mark an item running; False if it is already finished (a redelivered task skips it)."""
+    res = session.execute(
+        update(Item)
+        .where(Item.id == item_id, Item.status.not_in([s.value for s in TERMINAL_ITEM]))
+        .values(status=ItemStatus.running, started_at=utcnow(), attempts=Item.attempts + 1)
+    )
+    return res.rowcount == 1
+
+
+def finish_item(session: Session, item_id: uuid.UUID, job_id: uuid.UUID, status: ItemStatus,
+                error: str | None = None, artifacts: dict[str, Any] | None = None,
+                meta: dict[str, Any] | None = None) -> bool:
+    """Move an item to a terminal status and count it on its job, exactly once.
+
+    Returns True when this call completed the job's last item (the caller then enqueues finalisation).
+    """
+    values: dict[str, Any] = {"status": status, "error": error, "finished_at": utcnow()}
+    if artifacts is not None:
+        values["artifacts"] = artifacts
+    if meta is not None:
+        values["meta"] = meta
+    res = session.execute(
+        update(Item).where(Item.id == item_id, Item.status.not_in([s.value for s in TERMINAL_ITEM])).values(**values)
+    )
+    if res.rowcount != 1:
+        return False
+    failed = 1 if status == ItemStatus.failed else 0
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(items_done=Job.items_done + 1, items_failed=Job.items_failed + failed)
+        .returning(Job.items_done, Job.items_total, Job.planned)
+    ).one()
+    return bool(row.planned and row.items_done >= row.items_total)
+
+
+def job_complete(session: Session, job_id: uuid.UUID) -> bool:
+    job = session.get(Job, job_id)
+    return bool(job and job.planned and job.items_done >= job.items_total and not JobStatus(job.status).terminal)
+
+
+def cancel_job(session: Session, job_id: uuid.UUID) -> Job | None:
+    """Cancel a job: pending items are cancelled (workers skip them), finished results are kept."""
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None:
+        return None
+    if JobStatus(job.status).terminal:
+        return job
+    now = utcnow()
+    res = session.execute(
+        update(Item)
+        .where(Item.job_id == job_id, Item.status == ItemStatus.pending)
+        .values(status=ItemStatus.cancelled, finished_at=now, error="cancelled by user")
+    )
+    job.items_done += res.rowcount
+    job.status = JobStatus.cancelled
+    job.finished_at = now
+    return job
+
+
+def get_job(session: Session, job_id: uuid.UUID, owner: str | None = None) -> Job | None:
+    """The job, or None if it does not exist or belongs to someone else (``owner`` None = any)."""
+    job = session.get(Job, job_id)
+    if job is None or (owner is not None and job.owner != owner):
+        return None
+    return job
+
+
+def list_jobs(session: Session, *, owner: str | None = None, status: str | None = None,
+              since: datetime | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
+    q = select(Job)
+    if owner is not None:
+        q = q.where(Job.owner == owner)
+    if status:
+        q = q.where(Job.status == status)
+    if since:
+        q = q.where(Job.created_at >= since)
+    total = session.scalar(select(func.count()).select_from(q.subquery())) or 0
+    rows = session.scalars(q.order_by(Job.created_at.desc()).limit(limit).offset(offset)).all()
+    return list(rows), total
+
+
+def list_items(session: Session, job_id: uuid.UUID, *, status: str | None = None, limit: int = 100,
+               offset: int = 0) -> tuple[list[Item], int]:
+    q = select(Item).where(Item.job_id == job_id)
+    if status:
+        q = q.where(Item.status == status)
+    total = session.scalar(select(func.count()).select_from(q.subquery())) or 0
+    rows = session.scalars(q.order_by(Item.seq).limit(limit).offset(offset)).all()
+    return list(rows), total
+
+
+def job_metrics(session: Session, job_id: uuid.UUID, item_id: uuid.UUID | None = None) -> list[ClassMetric]:
+    q = select(ClassMetric).where(ClassMetric.job_id == job_id)
+    q = q.where(ClassMetric.item_id.is_(None)) if item_id is None else q.where(ClassMetric.item_id == item_id)
+    return list(session.scalars(q.order_by(ClassMetric.class_id)).all())
+
+
+def item_instances(session: Session, item_id: uuid.UUID) -> list[InstanceRow]:
+    return list(session.scalars(select(InstanceRow).where(InstanceRow.item_id == item_id)
+                                .order_by(InstanceRow.score.desc())).all())

@@ -1,0 +1,148 @@
+"""Model registry: specs found by name, models loaded once per process.
+
+Built-in models live in ``pipelines/models/<name>/spec.json`` next to their weights. Users register their
+own by dropping a folder with a ``spec.json`` (and a ``.keras`` file or SavedModel) into any directory
+listed in ``TILESEG_MODEL_DIRS``; no code changes.
+
+Loading imports TensorFlow, so it must happen in the worker process after fork (Celery prefork),
+never in a parent: :func:`load` is called lazily from tasks and caches per process.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.spec import ModelSpec
+
+__all__ = ["LoadedModel", "ModelNotFound", "builtin_dir", "default_for", "find_specs", "get_spec", "load"]
+
+_BUILTIN = Path(__file__).parent / "models"
+
+
+class ModelNotFound(LookupError):
+    """No registered model has this name."""
+
+
+def builtin_dir() -> Path:
+    return _BUILTIN
+
+
+def _search_dirs(extra: Iterable[str | Path] = ()) -> list[Path]:
+    dirs = [Path(p) for p in extra]
+    env = os.environ.get("TILESEG_MODEL_DIRS", "")
+    dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    dirs.append(_BUILTIN)
+    return dirs
+
+
+def find_specs(extra_dirs: Iterable[str | Path] = ()) -> dict[str, ModelSpec]:
+    """Every spec under the search dirs, by name; earlier dirs win (users may shadow built-ins)."""
+    specs: dict[str, ModelSpec] = {}
+    for d in _search_dirs(extra_dirs):
+        if not d.is_dir():
+            continue
+        for spec_file in sorted(d.glob("*/spec.json")) + sorted(d.glob("spec.json")):
+            spec = ModelSpec.from_file(spec_file)
+            specs.setdefault(spec.name, spec)
+    return specs
+
+
+def get_spec(name_or_path: str) -> ModelSpec:
+    """The spec for a registered name, or for a path to a spec.json / model folder."""
+    p = Path(name_or_path)
+    if p.is_dir() and (p / "spec.json").is_file():
+        return ModelSpec.from_file(p / "spec.json")
+    if p.is_file() and p.name.endswith(".json"):
+        return ModelSpec.from_file(p)
+    specs = find_specs()
+    if name_or_path not in specs:
+        known = ", ".join(sorted(specs)) or "none"
+        raise ModelNotFound(f"unknown model {name_or_path!r}; registered: {known}")
+    return specs[name_or_path]
+
+
+def default_for(input_kind: str) -> ModelSpec | None:
+    """The registry's default model for an input kind (``photo``, ``geotiff``, ``dicom``)."""
+    for spec in find_specs().values():
+        if input_kind in spec.default_for:
+            return spec
+    return None
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run.
+
+    Semantic models: ``predict(x)`` takes ``(N, S, S, C) float32`` and returns ``(N, S, S, K) float32``
+    class probabilities. Instance models: ``raw`` is the detection callable (see pipelines.instances).
+    """
+
+    spec: ModelSpec
+    predict: Callable[[np.ndarray], np.ndarray]
+    raw: Any = None
+
+
+_cache: dict[tuple[str, str], LoadedModel] = {}
+_lock = threading.Lock()
+
+
+def _load_semantic(spec: ModelSpec) -> LoadedModel:
+    import tensorflow as tf
+
+    src = spec.resolve_source()
+    if spec.source_format == "keras":
+        import keras
+
+        model = keras.saving.load_model(src, compile=False)
+
+        @tf.function(reduce_retracing=True)
+        def _fn(x: tf.Tensor) -> tf.Tensor:
+            return model(x, training=False)
+
+    elif spec.source_format in ("savedmodel", "hub"):
+        from pipelines.hub import load_hub
+
+        obj = load_hub(src)
+        sig = obj.signatures["serving_default"] if hasattr(obj, "signatures") and obj.signatures else None
+
+        def _fn(x: tf.Tensor) -> tf.Tensor:
+            if sig is not None:
+                out = sig(x)
+                return next(iter(out.values()))
+            return obj(x)
+
+    else:  # pragma: no cover - guarded by the spec's Literal
+        raise ValueError(spec.source_format)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return np.asarray(_fn(tf.convert_to_tensor(x, dtype=tf.float32)), dtype=np.float32)
+
+    return LoadedModel(spec=spec, predict=predict, raw=model if spec.source_format == "keras" else None)
+
+
+def load(name_or_path: str | ModelSpec) -> LoadedModel:
+    """Load (once per process) and return the model for a name, spec path or spec."""
+    spec = name_or_path if isinstance(name_or_path, ModelSpec) else get_spec(name_or_path)
+    key = (spec.name, str(spec.spec_path))
+    with _lock:
+        if key not in _cache:
+            if spec.kind == "semantic":
+                _cache[key] = _load_semantic(spec)
+            else:
+                from pipelines.instances import load_instance_model
+
+                _cache[key] = load_instance_model(spec)
+        return _cache[key]
+
+
+def clear_cache() -> None:
+    """Forget loaded models (tests; worker recycling does this by exiting)."""
+    with _lock:
+        _cache.clear()

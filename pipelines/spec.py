@@ -1,0 +1,128 @@
+"""Model specs: everything the service must know to feed a model and read its output.
+
+A spec lives next to the weights as ``spec.json`` (see ``pipelines/models/*/spec.json``) or in a user's
+model directory; ``pipelines.registry`` finds and loads them by name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["ClassSpec", "ModelSpec", "Normalization"]
+
+
+class ClassSpec(BaseModel):
+    """One output class: its id in the model output, a name and an RGB colour for overlays."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: int = Field(ge=0, le=255)
+    name: str
+    color: tuple[int, int, int] = (255, 0, 0)
+
+
+class Normalization(BaseModel):
+    """How raw input values become model input (float32).
+
+    - ``scale``: ``(x - offset) / scale`` per band with fixed numbers (e.g. uint8 photos: scale 255).
+    - ``percentile``: per-band stretch between the ``low``/``high`` percentiles of the item, then [0, 1].
+    - ``window``: CT-style window ``center``/``width`` in the input's units (HU), clipped to [0, 1].
+    - ``fixed``: clip to ``[low, high]`` then map to [0, 1].
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["scale", "percentile", "window", "fixed"] = "scale"
+    offset: float = 0.0
+    scale: float = 255.0
+    low: float = 2.0
+    high: float = 98.0
+    center: float = 40.0
+    width: float = 400.0
+
+
+class ModelSpec(BaseModel):
+    """A registered model.
+
+    Shapes: the model takes ``(N, input_size, input_size, channels) float32`` (semantic) or
+    ``(1, H, W, 3) uint8`` (instance, TF2 Object Detection API signature) and, for semantic models,
+    returns ``(N, input_size, input_size, len(classes))`` softmax probabilities.
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    kind: Literal["semantic", "instance"]
+    #: Where the weights are: a path relative to the spec file, an absolute path, or a TF Hub handle.
+    source: str
+    #: Format of ``source``: a Keras 3 ``.keras`` file, a SavedModel directory, or a TF Hub handle/URL.
+    source_format: Literal["keras", "savedmodel", "hub"] = "keras"
+    description: str = ""
+    classes: list[ClassSpec]
+    #: Index of the "nothing here" class (used for nodata pixels and for area fractions).
+    background_class: int | None = None
+    channels: int = 3
+    #: 1-based band indices to read from multi-band rasters, in model order (None = first ``channels``).
+    bands: list[int] | None = None
+    normalization: Normalization = Normalization()
+    #: Model input edge in pixels (square). Tiles are this size.
+    input_size: int = Field(default=256, ge=8, le=4096)
+    #: ``resize``: whole image resized to input_size (photos, as the reference does);
+    #: ``tile``: sliding windows at native resolution, blended.
+    mode: Literal["resize", "tile"] = "tile"
+    overlap: int = Field(default=32, ge=0)
+    batch_size: int = Field(default=8, ge=1, le=1024)
+    blend: Literal["gaussian", "cosine", "constant"] = "gaussian"
+    #: Ground resolution the model was trained at, metres per pixel (rasters at other resolutions are
+    #: resampled before inference and results returned on the input grid). None: use native pixels.
+    ground_resolution_m: float | None = None
+    #: Input kinds this model is the default for (``photo``, ``geotiff``, ``dicom``).
+    default_for: list[str] = []
+    #: Instance models: score threshold and max detections.
+    score_threshold: float = 0.5
+    max_detections: int = 100
+    #: Path of the spec file itself, set by the loader.
+    spec_path: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        ids = [c.id for c in self.classes]
+        if len(set(ids)) != len(ids):
+            raise ValueError("class ids must be unique")
+        if self.overlap * 2 >= self.input_size:
+            raise ValueError("overlap must be less than half the input size")
+        if self.bands is not None and len(self.bands) != self.channels:
+            raise ValueError("bands must list exactly `channels` band indices")
+        return self
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def colors(self) -> list[tuple[int, int, int]]:
+        return [c.color for c in self.classes]
+
+    def resolve_source(self) -> str:
+        """Absolute location of the weights (relative sources are next to the spec file)."""
+        if self.source_format == "hub" and "://" in self.source:
+            return self.source
+        p = Path(self.source).expanduser()
+        if not p.is_absolute() and self.spec_path is not None:
+            p = self.spec_path.parent / p
+        return str(p)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelSpec:
+        path = Path(path)
+        data = json.loads(path.read_text())
+        data["spec_path"] = path.resolve()
+        return cls.model_validate(data)
+
+    def to_file(self, path: str | Path) -> None:
+        data = self.model_dump(mode="json", exclude={"spec_path"})
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")

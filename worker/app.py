@@ -1,0 +1,66 @@
+"""The Celery application, configured from tileseg's settings.
+
+Reliability settings (see docs/reliability.md): tasks are acknowledged after they finish (acks_late) and
+requeued when a worker process dies (reject_on_worker_lost), each worker process takes one task at a time
+(prefetch 1), and children are recycled after N tasks or when they exceed a memory cap. TensorFlow is only
+imported inside tasks, i.e. in the forked child, never in the parent.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from core.settings import get_settings
+
+app = Celery("tileseg", include=["worker.tasks"])
+
+
+def configure(app: Celery = app) -> Celery:
+    """(Re)apply settings to the app; call after changing TILESEG_* variables in-process."""
+    s = get_settings()
+    if s.embedded_queue:
+        s.ensure_dirs()
+    app.conf.update(
+        broker_url=s.queue_url,
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=s.worker_max_tasks_per_child,
+        worker_max_memory_per_child=s.worker_max_memory_per_child_kb,
+        worker_concurrency=s.worker_concurrency,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        broker_transport_options={
+            "visibility_timeout": s.visibility_timeout,
+            # Redis: retry publishing while the broker restarts instead of failing the caller.
+            "max_retries": 10,
+            "interval_start": 0.2,
+            "interval_step": 0.5,
+            "interval_max": 3,
+        },
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 20, "interval_start": 0.2, "interval_step": 0.5,
+                                   "interval_max": 3},
+        task_default_queue="tileseg",
+        task_serializer="json",
+        accept_content=["json"],
+        timezone="UTC",
+        enable_utc=True,
+    )
+    return app
+
+
+configure()
+
+
+@worker_process_init.connect
+def _after_fork(**_: object) -> None:
+    # Connections inherited from the parent must not be shared with the child.
+    from core.db import reset_engine
+
+    reset_engine()

@@ -1,0 +1,482 @@
+"""What a task does with its items: read through the adapter, run the pipeline, write outputs through the
+adapter, upload them to the artifact store, and record rows. Called from worker.tasks; no Celery here, so
+the same code runs in tests and in any worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import traceback
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from adapters import AdapterError, get_format
+from adapters.base import Format
+from adapters.base import Item as AdapterItem
+from core import jobs
+from core.db import session_scope
+from core.models import ClassMetric, InstanceRow, Item, ItemStatus, Job, JobStatus, utcnow
+from core.settings import get_settings
+from core.store import ArtifactStore, fetch_input
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TransientError", "finalize_job", "model_for_item", "plan_job", "process_items"]
+
+#: Errors worth retrying: the database or broker went away for a moment.
+TRANSIENT = (OperationalError, ConnectionError, TimeoutError)
+
+
+class TransientError(Exception):
+    """Raised to ask Celery for a retry with backoff."""
+
+
+def store() -> ArtifactStore:
+    s = get_settings()
+    return ArtifactStore(s.artifacts, s.storage_options)
+
+
+# Planning -------------------------------------------------------------------------------------------------
+def plan_job(job_id: uuid.UUID) -> list[list[uuid.UUID]]:
+    """Expand a job's inputs into items; returns batches of pending item IDs to enqueue.
+
+    Photos going through the same model are batched (one model call per batch), everything else is one
+    item per task. Safe to run twice: a planned job just returns its unfinished items again.
+    """
+    s = get_settings()
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"job {job_id} not found")
+        if JobStatus(job.status).terminal:
+            return []
+        already = job.planned
+        inputs = list(job.inputs)
+    if not already:
+        planned = jobs.expand_inputs(inputs, s.max_pixels, s.storage_options)
+        with session_scope() as session:
+            jobs.record_plan(session, job_id, planned)
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        pending = session.scalars(
+            select(Item).where(Item.job_id == job_id, Item.status.in_([ItemStatus.pending, ItemStatus.running]))
+            .order_by(Item.seq)
+        ).all()
+        batches: list[list[uuid.UUID]] = []
+        photo_batches: dict[str, list[uuid.UUID]] = defaultdict(list)
+        for it in pending:
+            if it.format == "photo":
+                model = model_for_item(job.pipeline, it.format)
+                key = model or "?"
+                photo_batches[key].append(it.id)
+                if len(photo_batches[key]) >= s.photo_batch:
+                    batches.append(photo_batches.pop(key))
+            else:
+                batches.append([it.id])
+        batches.extend(photo_batches.values())
+    return batches
+
+
+def model_for_item(pipeline: str, fmt: str | None) -> str | None:
+    """The model name for an item: the job's pipeline, or the registry's default for the input kind."""
+    if pipeline and pipeline != "auto":
+        return pipeline
+    from pipelines.registry import default_for
+
+    spec = default_for(fmt or "")
+    return spec.name if spec else None
+
+
+# Processing -----------------------------------------------------------------------------------------------
+def _fail(item_id: uuid.UUID, job_id: uuid.UUID, message: str) -> bool:
+    with session_scope() as session:
+        return jobs.finish_item(session, item_id, job_id, ItemStatus.failed, error=message[:4000])
+
+
+def process_items(item_ids: Sequence[uuid.UUID]) -> bool:
+    """Process a batch of items of one job. Returns True if the job's last item finished here.
+
+    Per-item problems (bad input, a model that cannot run on it) fail that item with a stored message;
+    database and broker hiccups raise :class:`TransientError` so the task is retried.
+    """
+    from pipelines.registry import ModelNotFound, load
+
+    with session_scope() as session:
+        rows = session.scalars(select(Item).where(Item.id.in_(list(item_ids))).order_by(Item.seq)).all()
+        if not rows:
+            return False
+        job = session.get(Job, rows[0].job_id)
+        job_id, pipeline, options = job.id, job.pipeline, dict(job.options or {})
+        job_cancelled = job.status == JobStatus.cancelled
+        todo = [(r.id, r.source, r.key, r.format, r.truth, dict(r.meta or {})) for r in rows]
+    done_job = False
+    if job_cancelled:
+        return False
+
+    # Group by model so photos share model calls.
+    by_model: dict[str | None, list[tuple]] = defaultdict(list)
+    for t in todo:
+        by_model[model_for_item(pipeline, t[3])].append(t)
+
+    for model_name, group in by_model.items():
+        started = []
+        for t in group:
+            with session_scope() as session:
+                if jobs.start_item(session, t[0]):
+                    started.append(t)
+        if not started:
+            continue
+        if model_name is None:
+            for t in started:
+                done_job |= _fail(t[0], job_id, f"no model given and no default model for {t[3]} inputs; "
+                                  "name one with --pipeline (see `tileseg models`)")
+            continue
+        try:
+            model = load(model_name)
+        except ModelNotFound as exc:
+            for t in started:
+                done_job |= _fail(t[0], job_id, str(exc))
+            continue
+        except Exception as exc:  # noqa: BLE001 - e.g. hub model not downloadable: fail items, say why
+            for t in started:
+                done_job |= _fail(t[0], job_id, f"model {model_name!r} cannot be loaded: {exc}")
+            continue
+        if model.spec.kind == "semantic" and model.spec.mode == "resize" and len(started) > 1:
+            done_job |= _run_semantic_batch(job_id, started, model, options)
+        else:
+            for t in started:
+                done_job |= _run_one(job_id, t, model, options)
+
+    if not done_job:
+        with session_scope() as session:
+            done_job = jobs.job_complete(session, job_id)
+    return done_job
+
+
+def _artifact_key(job_id: uuid.UUID, item_id: uuid.UUID, name: str) -> str:
+    return f"jobs/{job_id}/{item_id}/{name}"
+
+
+def _read_truth(path: str, options: dict[str, Any]) -> Any:
+    """Ground-truth class ids ``(H, W) uint8``; ``options['truth_map']`` maps stored values to class ids."""
+    import numpy as np
+
+    from adapters import open_input
+
+    with fetch_input(path, get_settings().storage_options) as local:
+        _, source = open_input(local)
+        with source:
+            arr = next(iter(source.items())).read()[0]
+    mapping = options.get("truth_map")
+    if mapping:
+        out = np.full(arr.shape, 255, np.uint8)
+        for k, v in mapping.items():
+            out[arr == int(k)] = int(v)
+        return out
+    return arr.astype(np.uint8)
+
+
+class _Opened:
+    """An item opened through its adapter for the duration of processing (downloads URLs first)."""
+
+    def __init__(self, source: str, key: str, fmt: str | None) -> None:
+        self.source_path, self.key, self.fmt_name = source, key, fmt
+
+    def __enter__(self) -> tuple[Any, AdapterItem]:
+        self._fetch = fetch_input(self.source_path, get_settings().storage_options)
+        local = self._fetch.__enter__()
+        fmt = get_format(self.fmt_name) if self.fmt_name else None
+        if fmt is None:
+            from adapters import detect
+
+            fmt = detect(local)
+        self._source = fmt.open(local, max_pixels=get_settings().max_pixels)
+        return fmt, self._source.item(self.key)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._source.close()
+        finally:
+            self._fetch.__exit__(*exc)
+
+
+def _upload(job_id: uuid.UUID, item_id: uuid.UUID, artifacts: Sequence[Any]) -> dict[str, Any]:
+    st = store()
+    out: dict[str, Any] = {}
+    for a in artifacts:
+        stored = st.put(Path(a.path), _artifact_key(job_id, item_id, Path(a.path).name), a.media_type)
+        out[a.kind] = stored.to_json()
+    return out
+
+
+def _semantic_rows(job_id: uuid.UUID, item_id: uuid.UUID, result: Any) -> list[ClassMetric]:
+    rows = []
+    for f in result.figures:
+        conf_sum = (f.mean_confidence or 0.0) * f.pixel_count
+        sums: dict[str, Any] = {"confidence_sum": conf_sum, "valid_pixels": result.valid_pixels}
+        rows.append(ClassMetric(job_id=job_id, item_id=item_id, class_id=f.class_id, class_name=f.name,
+                                pixel_count=int(f.pixel_count), fraction=f.fraction,
+                                mean_confidence=f.mean_confidence, area=f.area, area_unit=f.area_unit,
+                                dice=f.dice, iou=f.iou, sums=sums))
+    if result.confusion is not None:
+        # The confusion matrix makes job-level Dice/IoU exact (sum matrices, not average scores).
+        for r in rows:
+            r.sums["confusion"] = result.confusion.tolist()
+    return rows
+
+
+def _record_success(job_id: uuid.UUID, item_id: uuid.UUID, artifacts: dict[str, Any], metric_rows: list,
+                    instance_rows: list, meta: dict[str, Any]) -> bool:
+    with session_scope() as session:
+        # Idempotent: a re-run replaces this item's rows instead of adding duplicates.
+        session.execute(delete(ClassMetric).where(ClassMetric.item_id == item_id))
+        session.execute(delete(InstanceRow).where(InstanceRow.item_id == item_id))
+        session.add_all(metric_rows)
+        session.add_all(instance_rows)
+        return jobs.finish_item(session, item_id, job_id, ItemStatus.succeeded, artifacts=artifacts, meta=meta)
+
+
+def _handle_error(job_id: uuid.UUID, item_id: uuid.UUID, exc: BaseException) -> bool:
+    if isinstance(exc, TRANSIENT) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        # Put it back so the retried task picks it up.
+        with session_scope() as session:
+            session.execute(update(Item).where(Item.id == item_id, Item.status == ItemStatus.running)
+                            .values(status=ItemStatus.pending))
+        raise TransientError(str(exc)) from exc
+    if isinstance(exc, AdapterError):
+        return _fail(item_id, job_id, str(exc))
+    log.error("item %s failed: %s", item_id, "".join(traceback.format_exception(exc)))
+    return _fail(item_id, job_id, f"{type(exc).__name__}: {exc}")
+
+
+def _run_one(job_id: uuid.UUID, t: tuple, model: Any, options: dict[str, Any]) -> bool:
+    item_id, source, key, fmt_name, truth, meta = t
+    try:
+        with tempfile.TemporaryDirectory(prefix="tileseg-out-") as tmp, _Opened(source, key, fmt_name) as (fmt, item):
+            out_dir = Path(tmp)
+            meta = {**meta, "model": model.spec.name}
+            if model.spec.kind == "semantic":
+                from pipelines.semantic import segment_item
+
+                gt = _read_truth(truth, options) if truth else None
+                sink = fmt.semantic_sink(item, out_dir, model.spec.class_names, model.spec.colors)
+                result = segment_item(item, model, sink, ground_truth=gt)
+                artifacts = _upload(job_id, item_id, sink.close())
+                return _record_success(job_id, item_id, artifacts, _semantic_rows(job_id, item_id, result), [], meta)
+            from pipelines.instances import detect_item, instance_figures
+
+            spec = model.spec
+            found = detect_item(item, model, tile=spec.input_size, overlap=spec.overlap,
+                                score_threshold=float(options.get("score_threshold", spec.score_threshold)),
+                                max_detections=int(options.get("max_detections", spec.max_detections)))
+            arts = fmt.write_instances(item, found, out_dir, spec.class_names, spec.colors)
+            artifacts = _upload(job_id, item_id, arts)
+            names = {c.id: c.name for c in spec.classes}
+            px_area, unit = item.info.pixel_area, item.info.area_unit
+            inst_rows = [InstanceRow(job_id=job_id, item_id=item_id, class_id=i.class_id,
+                                     class_name=names.get(i.class_id, str(i.class_id)), score=float(i.score),
+                                     box=list(i.box), rle=i.rle, area_px=int(i.area),
+                                     area=(i.area * px_area if px_area else None), area_unit=unit)
+                         for i in found]
+            figs = instance_figures(found, spec.class_names, px_area, unit)
+            metric_rows = [ClassMetric(job_id=job_id, item_id=item_id, class_id=f["class_id"],
+                                       class_name=f["name"], pixel_count=int(f["area_px"]), fraction=None,
+                                       area=f.get("area"), area_unit=f.get("area_unit"),
+                                       instance_count=int(f["count"]), mean_score=f.get("mean_score"),
+                                       sums={"score_sum": (f.get("mean_score") or 0) * f["count"]})
+                           for f in figs]
+            return _record_success(job_id, item_id, artifacts, metric_rows, inst_rows, meta)
+    except TransientError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - classified in _handle_error
+        return _handle_error(job_id, item_id, exc)
+
+
+def _run_semantic_batch(job_id: uuid.UUID, batch: Sequence[tuple], model: Any, options: dict[str, Any]) -> bool:
+    """Photos: open all, one batched model call per ``batch_size`` images, then write each one's outputs."""
+    from contextlib import ExitStack
+
+    from pipelines.semantic import segment_items
+
+    done_job = False
+    with tempfile.TemporaryDirectory(prefix="tileseg-out-") as tmp, ExitStack() as stack:
+        opened, sinks, truths = [], [], []
+        for t in batch:
+            item_id, source, key, fmt_name, truth, _ = t
+            try:
+                fmt, item = stack.enter_context(_Opened(source, key, fmt_name))
+                out_dir = Path(tmp) / str(item_id)
+                out_dir.mkdir()
+                sink = fmt.semantic_sink(item, out_dir, model.spec.class_names, model.spec.colors)
+                gt = _read_truth(truth, options) if truth else None
+            except TransientError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                done_job |= _handle_error(job_id, item_id, exc)
+                continue
+            opened.append((t, item))
+            sinks.append(sink)
+            truths.append(gt)
+        if not opened:
+            return done_job
+        try:
+            results = segment_items([it for _, it in opened], model, sinks, ground_truths=truths)
+        except Exception:  # noqa: BLE001 - one bad image must not fail its batch-mates: go one by one
+            log.warning("batched prediction failed; retrying items one by one", exc_info=True)
+            for t, _ in opened:
+                done_job |= _run_one(job_id, t, model, options)
+            return done_job
+        for (t, _item), sink, result in zip(opened, sinks, results, strict=True):
+            item_id, meta = t[0], {**t[5], "model": model.spec.name}
+            try:
+                artifacts = _upload(job_id, item_id, sink.close())
+                done_job |= _record_success(job_id, item_id, artifacts, _semantic_rows(job_id, item_id, result),
+                                            [], meta)
+            except Exception as exc:  # noqa: BLE001
+                done_job |= _handle_error(job_id, item_id, exc)
+    return done_job
+
+
+# Finalisation ---------------------------------------------------------------------------------------------
+def _aggregate(session: Any, job_id: uuid.UUID) -> None:
+    """Job-level per-class rows from the item rows: sums of counts and areas, exact Dice/IoU from summed
+    confusion matrices, pixel-weighted mean confidence."""
+    import numpy as np
+
+    from pipelines.metrics import scores
+
+    session.execute(delete(ClassMetric).where(ClassMetric.job_id == job_id, ClassMetric.item_id.is_(None)))
+    rows = session.scalars(select(ClassMetric).where(ClassMetric.job_id == job_id,
+                                                     ClassMetric.item_id.is_not(None))).all()
+    by_class: dict[tuple[int, str], list[ClassMetric]] = defaultdict(list)
+    for r in rows:
+        by_class[(r.class_id, r.class_name)].append(r)
+    confusion = None
+    seen_items: set[uuid.UUID] = set()
+    valid_total = 0
+    for r in rows:
+        if r.item_id in seen_items:
+            continue
+        seen_items.add(r.item_id)
+        valid_total += int(r.sums.get("valid_pixels", 0))
+        if "confusion" in r.sums:
+            m = np.asarray(r.sums["confusion"], dtype=np.int64)
+            confusion = m if confusion is None else confusion + m
+    per_class = scores(confusion)["per_class"] if confusion is not None else None
+    for (cid, name), group in sorted(by_class.items()):
+        pixels = sum(r.pixel_count for r in group)
+        conf_sum = sum(float(r.sums.get("confidence_sum", 0.0)) for r in group)
+        counts = [r.instance_count for r in group if r.instance_count is not None]
+        score_sum = sum(float(r.sums.get("score_sum", 0.0)) for r in group)
+        areas = [r.area for r in group if r.area is not None]
+        units = {r.area_unit for r in group if r.area_unit}
+        n_inst = sum(counts) if counts else None
+        dice = iou = None
+        if per_class is not None and cid < len(per_class):
+            dice, iou = per_class[cid]["dice"], per_class[cid]["iou"]
+        session.add(ClassMetric(
+            job_id=job_id, item_id=None, class_id=cid, class_name=name, pixel_count=pixels,
+            fraction=(pixels / valid_total) if valid_total and not counts else None,
+            mean_confidence=(conf_sum / pixels) if pixels and not counts else None,
+            # Areas are only summed when every item has the same physical unit.
+            area=sum(areas) if areas and len(units) == 1 and len(areas) == len(group) else None,
+            area_unit=units.pop() if len(units) == 1 else None,
+            dice=dice, iou=iou, instance_count=n_inst,
+            mean_score=(score_sum / n_inst) if n_inst else None,
+            sums={"confidence_sum": conf_sum, "valid_pixels": valid_total},
+        ))
+
+
+def _finalize_groups(session: Any, job_id: uuid.UUID) -> None:
+    """Outputs spanning several items (one DICOM SEG per series), attached to the group's first item."""
+    items = session.scalars(select(Item).where(Item.job_id == job_id, Item.status == ItemStatus.succeeded,
+                                               Item.group.is_not(None)).order_by(Item.seq)).all()
+    groups: dict[tuple[str, str], list[Item]] = defaultdict(list)
+    for it in items:
+        groups[(it.format or "", it.group)].append(it)
+    st = store()
+    from pipelines.registry import get_spec
+
+    for (fmt_name, _group), members in groups.items():
+        fmt = get_format(fmt_name)
+        if type(fmt).finalize_group is Format.finalize_group:  # nothing group-wide to write: skip the I/O
+            continue
+        try:
+            spec = get_spec(members[0].meta.get("model"))
+            with tempfile.TemporaryDirectory(prefix="tileseg-grp-") as tmp, _OpenedMany(members) as opened:
+                mask_files = []
+                for m in members:
+                    art = m.artifacts.get("mask_png") or m.artifacts.get("class_raster")
+                    dest = Path(tmp) / f"{m.seq:06d}-{Path(art['uri']).name}"
+                    with st.open(art["uri"]) as src, open(dest, "wb") as out:
+                        out.write(src.read())
+                    mask_files.append(dest)
+                out_dir = Path(tmp) / "out"
+                out_dir.mkdir()
+                arts = fmt.finalize_group(opened, mask_files, out_dir, spec.class_names, spec.colors)
+                stored = _upload(job_id, members[0].id, arts)
+            first = members[0]
+            first.artifacts = {**first.artifacts, **stored}
+        except Exception as exc:  # noqa: BLE001 - the per-item results stay; the job records the problem
+            log.exception("group output failed for job %s", job_id)
+            job = session.get(Job, job_id)
+            job.error = ((job.error or "") + f"\ngroup output failed: {exc}").strip()
+
+
+class _OpenedMany:
+    def __init__(self, members: Sequence[Item]) -> None:
+        self.members = members
+
+    def __enter__(self) -> list[AdapterItem]:
+        from contextlib import ExitStack
+
+        self._stack = ExitStack()
+        return [self._stack.enter_context(_Opened(m.source, m.key, m.format))[1] for m in self.members]
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.__exit__(*exc)
+
+
+def finalize_job(job_id: uuid.UUID) -> str | None:
+    """Aggregate metrics, write group outputs and set the final status. Idempotent."""
+    with session_scope() as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None or not job.planned or job.items_done < job.items_total:
+            return None
+        if job.finished_at is not None and JobStatus(job.status) != JobStatus.cancelled:
+            return job.status
+        _finalize_groups(session, job_id)
+        _aggregate(session, job_id)
+        if job.status != JobStatus.cancelled:
+            ok = job.items_total - job.items_failed
+            if job.items_total == 0 or ok == 0:
+                job.status = JobStatus.failed
+                job.error = job.error or ("no inputs found" if job.items_total == 0 else "every item failed")
+            elif job.items_failed:
+                job.status = JobStatus.partial
+            else:
+                job.status = JobStatus.succeeded
+        job.finished_at = job.finished_at or utcnow()
+        return job.status
+
+
+def give_up(item_ids: Sequence[str | uuid.UUID], message: str) -> None:
+    """Fail items whose task exhausted its retries, so the job ends instead of staying `running`."""
+    last_job = None
+    for raw in item_ids:
+        item_id = uuid.UUID(str(raw))
+        with session_scope() as session:
+            it = session.get(Item, item_id)
+            if it is None:
+                continue
+            if jobs.finish_item(session, item_id, it.job_id, ItemStatus.failed, error=message):
+                last_job = it.job_id
+    if last_job is not None:
+        finalize_job(last_job)
