@@ -87,7 +87,9 @@ class _NoGeoWarnings:
 
 
 def _err(path: str, what: str, e: BaseException) -> AdapterError:
-    return AdapterError(f"{Path(path).name}: {what}: {e}")
+    # rasterio's "Read failed. See previous exception" hides GDAL's actual message in __cause__.
+    detail = f"{e} ({e.__cause__})" if e.__cause__ is not None else str(e)
+    return AdapterError(f"{Path(path).name}: {what}: {detail}")
 
 
 def looks_geospatial(path: str) -> bool:
@@ -118,7 +120,7 @@ def _crs_info(
     if crs is None:
         warn.append("raster has no CRS: processed in pixel space, no geographic outputs")
         return None, None, warn, extra
-    extra["epsg"] = crs.to_epsg()
+    extra["epsg"] = crs.to_epsg(confidence_threshold=100)  # exact match only, never a guess
     det = abs(transform.a * transform.e - transform.b * transform.d)
     if crs.is_geographic:
         warn.append(
@@ -373,7 +375,7 @@ class _GeoJsonWriter:
         self.count = 0
         self._f = open(path, "w")  # noqa: SIM115 - closed in close()
         head: dict[str, Any] = {"type": "FeatureCollection", "crs_wkt": crs.to_wkt()}
-        epsg = crs.to_epsg()
+        epsg = crs.to_epsg(confidence_threshold=100)
         if epsg is not None:
             # GeoJSON 2008 "crs" member: GDAL/QGIS read it; RFC 7946 would force WGS 84.
             head["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{epsg}"}}

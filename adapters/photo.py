@@ -171,9 +171,8 @@ class PhotoItem(Item):
                 raise AdapterError(f"{Path(self.path).name}: source already closed")
             name = Path(self.path).name
             try:
-                # Truncated files must fail, not decode to grey: Pillow's global default is False,
-                # but set it explicitly in case another library flipped it.
-                ImageFile.LOAD_TRUNCATED_IMAGES = False
+                if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone flipped Pillow's global: truncation would pass
+                    raise AdapterError(f"{name}: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; refusing to decode")
                 im = self._image
                 im.seek(0)
                 im.load()

@@ -12,10 +12,10 @@ import os
 import tomllib
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings", "reset_settings"]
 
@@ -54,9 +54,9 @@ class Settings(BaseSettings):
     #: Extra fsspec storage options as JSON (e.g. {"endpoint_url": "http://127.0.0.1:9000"} for S3).
     storage_options: dict[str, Any] = Field(default_factory=dict)
     #: Server-side input paths accepted by the API must resolve inside one of these directories.
-    input_roots: list[Path] = Field(default_factory=list)
+    input_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     #: Extra directories searched for model folders (each with a spec.json).
-    model_dirs: list[Path] = Field(default_factory=list)
+    model_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     #: Decompression-bomb guard: largest declared image size in pixels (width * height).
     max_pixels: int = 40_000 * 40_000
     #: Largest upload accepted by the API, bytes.

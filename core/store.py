@@ -54,8 +54,17 @@ class ArtifactStore:
         self.storage_options = storage_options or {}
         self.fs, self._root_path = url_to_fs(self.root, **self.storage_options)
         self.local = not is_url(self.root)
+        self._ready = False
         if self.local:
             Path(self._root_path).mkdir(parents=True, exist_ok=True)
+            self._ready = True
+
+    def _ensure_root(self) -> None:
+        # Creates the bucket on first use (S3/MinIO), so a fresh stack needs no manual step.
+        if not self._ready:
+            if not self.fs.exists(self._root_path):
+                self.fs.makedirs(self._root_path, exist_ok=True)
+            self._ready = True
 
     def uri(self, key: str) -> str:
         return f"{self.root}/{key}"
@@ -72,6 +81,7 @@ class ArtifactStore:
             shutil.copyfile(local, tmp)
             os.replace(tmp, dest)
         else:
+            self._ensure_root()
             self.fs.put_file(str(local), f"{self._root_path}/{key}")
         return StoredArtifact(uri=self.uri(key), sha256=digest, bytes=size, media_type=media_type)
 

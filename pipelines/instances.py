@@ -352,6 +352,8 @@ def _rle_from_crop(mask: np.ndarray, y0: int, x0: int, height: int, width: int) 
     bounds[2:-1:2] = ends
     bounds[-1] = height * width
     counts = np.diff(bounds).tolist()
+    if len(counts) > 1 and counts[-1] == 0:  # pycocotools ends on the last run of ones
+        counts.pop()
     rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
     return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
 

@@ -161,8 +161,8 @@ def test_conv_net_tiled_matches_whole_image_away_from_seams():
         cfg = TilingConfig(tile=32, overlap=12, batch_size=5, blend=blend)
         tiled = predict_array(image, predict, 3, cfg)
         errors[blend] = np.abs(tiled - whole)
-    assert errors["gaussian"].max() < 0.02
-    assert errors["gaussian"].mean() < 1e-3
+    assert errors["gaussian"].max() < 0.01
+    assert errors["gaussian"].mean() < 2e-4
     # Gaussian weighting down-weights tile borders, so its seams are smaller than plain averaging's.
     assert errors["gaussian"].max() < errors["constant"].max()
     # A tile's interior (>= 2 px, the receptive radius, from its edges) sees no border effect at all.

@@ -35,13 +35,13 @@ def configure(app: Celery = app) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        broker_transport_options={
+        # kombu's SQLAlchemy transport passes its options to create_engine, so only Redis gets these.
+        # kombu's SQLAlchemy transport passes its options to create_engine, so only Redis gets these.
+        broker_transport_options={} if s.embedded_queue else {
             "visibility_timeout": s.visibility_timeout,
-            # Redis: retry publishing while the broker restarts instead of failing the caller.
-            "max_retries": 10,
-            "interval_start": 0.2,
-            "interval_step": 0.5,
-            "interval_max": 3,
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+            "health_check_interval": 10,
         },
         task_publish_retry=True,
         task_publish_retry_policy={"max_retries": 20, "interval_start": 0.2, "interval_step": 0.5,

@@ -1,0 +1,233 @@
+"""Semantic evaluation of a model on a labeled folder laid out like ``oxford_pets``.
+
+Predictions go through the same code the service runs (spec normalisation, :func:`pipelines.semantic.
+resize_bilinear` for ``resize`` mode, :func:`pipelines.tiling.predict_array` for ``tile`` mode) and are scored
+at each trimap's own resolution by :mod:`pipelines.metrics`, summed over all pixels of the split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from adapters.base import AdapterError
+from pipelines.metrics import confusion_matrix, scores
+from pipelines.normalize import normalize
+from pipelines.registry import LoadedModel, get_spec, load
+from pipelines.spec import ClassSpec, ModelSpec, Normalization
+from pipelines.tiling import TilingConfig, predict_array
+from pipelines.train import list_names, load_pairs, split_names
+
+__all__ = [
+    "PET_CLASSES",
+    "evaluate_folder",
+    "export_model",
+    "flip_tta",
+    "make_predictor",
+    "read_truth",
+    "resolve_model",
+]
+
+log = logging.getLogger(__name__)
+
+#: Output order of the pets model: class id = trimap value - 1.
+PET_CLASSES = [
+    ClassSpec(id=0, name="pet", color=(230, 25, 75)),
+    ClassSpec(id=1, name="background", color=(0, 0, 0)),
+    ClassSpec(id=2, name="outline", color=(255, 225, 25)),
+]
+_PALETTE = [(230, 25, 75), (0, 0, 0), (255, 225, 25), (60, 180, 75), (0, 130, 200), (245, 130, 48)]
+
+
+def flip_tta(predict: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """Test-time augmentation: mean of ``predict(x)`` and the un-flipped ``predict(flip_lr(x))``.
+
+    Works on ``(N, S, S, C)`` batches -> ``(N, S, S, K)``; one model call on a doubled batch.
+    """
+
+    def tta(x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        y = predict(np.concatenate([x, x[:, :, ::-1]], axis=0))
+        return 0.5 * (y[:n] + y[n:, :, ::-1])
+
+    return tta
+
+
+def make_predictor(
+    model: LoadedModel, mode: str | None = None, tta: bool = False
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``(H, W, C)`` raw photo (uint8) -> ``(H, W, K) float32`` probabilities at the photo's own size.
+
+    ``mode`` ``resize`` (whole photo to ``input_size``, probabilities scaled back bilinearly) or ``tile``
+    (sliding windows at native resolution); default: the spec's.
+    """
+    from pipelines.semantic import bilinear_matrix, resize_bilinear
+
+    spec = model.spec
+    mode = mode or spec.mode
+    k = len(spec.classes)
+    s = spec.input_size
+    predict = flip_tta(model.predict) if tta else model.predict
+
+    def run(rgb: np.ndarray) -> np.ndarray:
+        x = normalize(np.moveaxis(rgb[..., : spec.channels], -1, 0), spec.normalization)
+        h, w = x.shape[:2]
+        if mode == "tile":
+            cfg = TilingConfig(tile=s, overlap=spec.overlap, batch_size=spec.batch_size, blend=spec.blend,
+                               prefetch=0)
+            return predict_array(x, predict, k, cfg)
+        p = np.asarray(predict(resize_bilinear(x, s, s)[None]), np.float32)[0]
+        p = np.einsum("pw,hwc->hpc", bilinear_matrix(w, s), p, optimize=True)
+        return np.tensordot(bilinear_matrix(h, s), p, axes=(1, 0)).astype(np.float32)
+
+    return run
+
+
+def resolve_model(name_or_path: str | Path) -> ModelSpec:
+    """A spec for a registered name, a model folder / spec.json, or a bare ``.keras`` file.
+
+    A bare ``.keras`` file gets an ad hoc spec: pets classes when it has 3 outputs, input size from the
+    model, ``scale`` normalisation by 255, ``resize`` mode.
+    """
+    p = Path(name_or_path)
+    if p.is_file() and p.suffix == ".keras":
+        import keras
+
+        m = keras.saving.load_model(p, compile=False)
+        size = int(m.input_shape[1] or 128)
+        k = int(m.output_shape[-1])
+        classes = PET_CLASSES if k == 3 else [
+            ClassSpec(id=i, name=f"class{i}", color=_PALETTE[i % len(_PALETTE)]) for i in range(k)
+        ]
+        return ModelSpec(name="adhoc-" + "".join(c for c in p.stem.lower() if c.isalnum() or c in "-_.")[:40],
+                         kind="semantic", source=str(p.resolve()), classes=classes, input_size=size,
+                         channels=int(m.input_shape[-1]), mode="resize", overlap=min(32, size // 4),
+                         normalization=Normalization(kind="scale", scale=255.0),
+                         spec_path=p.resolve().parent / "spec.json")
+    return get_spec(str(name_or_path))
+
+
+def read_truth(path: Path, label_offset: int = 1) -> np.ndarray:
+    """``(H, W) int16`` class ids from a trimap PNG (value - offset; unknown values -> -1, never scored)."""
+    try:
+        t = np.asarray(Image.open(path))
+    except OSError as e:
+        raise AdapterError(f"{path}: unreadable trimap ({e})") from e
+    if t.ndim != 2:
+        raise AdapterError(f"{path}: trimap must be single-channel, got shape {t.shape}")
+    return t.astype(np.int16) - label_offset
+
+
+def _read_photo(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as e:
+        raise AdapterError(f"{path}: unreadable image ({e})") from e
+
+
+def evaluate_folder(
+    model: str | Path | ModelSpec,
+    data: str | Path,
+    split: str = "all",
+    val_fraction: float = 0.15,
+    mode: str | None = None,
+    tta: bool = False,
+    label_offset: int = 1,
+) -> dict[str, Any]:
+    """Score ``model`` on every listed name of ``data`` (``split="val"``: only the held-out names).
+
+    Returns a JSON-ready dict: ``model``, ``mode``, ``split``, ``tta``, ``images``, ``skipped`` (listed
+    names whose files are missing), ``pixels``, ``pixel_accuracy``, ``mean_iou``, ``mean_dice``,
+    ``per_class`` ``{name: {"dice", "iou", "support"}}`` and ``confusion`` (rows = truth, model order).
+    """
+    if split not in ("val", "all"):
+        raise ValueError(f"split must be 'val' or 'all', got {split!r}")
+    spec = model if isinstance(model, ModelSpec) else resolve_model(model)
+    if spec.kind != "semantic":
+        raise ValueError(f"model {spec.name} is a {spec.kind} model; eval scores semantic models")
+    mode = mode or spec.mode
+    names = list_names(data)
+    if split == "val":
+        names = split_names(names, val_fraction)[1]
+    pairs, skipped = load_pairs(data, names)
+    if not pairs:
+        raise AdapterError(f"{data}: no image with a trimap to evaluate (split={split})")
+    predictor = make_predictor(load(spec), mode=mode, tta=tta)
+    k = len(spec.classes)
+    cm = np.zeros((k, k), np.int64)
+    for _name, img_path, mask_path in pairs:
+        truth = read_truth(mask_path, label_offset)
+        rgb = _read_photo(img_path)
+        if rgb.shape[:2] != truth.shape:
+            raise AdapterError(f"{img_path}: image {rgb.shape[:2]} and trimap {truth.shape} sizes differ")
+        pred = predictor(rgb).argmax(-1)
+        cm += confusion_matrix(truth, pred, k)
+    sc = scores(cm)
+    by_id = {c.id: c.name for c in spec.classes}
+    return {
+        "model": spec.name,
+        "mode": mode,
+        "split": split,
+        "tta": tta,
+        "images": len(pairs),
+        "skipped": skipped,
+        "pixels": int(cm.sum()),
+        "pixel_accuracy": sc["pixel_accuracy"],
+        "mean_iou": sc["mean_iou"],
+        "mean_dice": sc["mean_dice"],
+        "per_class": {
+            by_id.get(c["class_id"], str(c["class_id"])): {"dice": c["dice"], "iou": c["iou"],
+                                                          "support": c["support"]}
+            for c in sc["per_class"]
+        },
+        "confusion": cm.tolist(),
+    }
+
+
+def export_model(
+    checkpoint: str | Path,
+    export_dir: str | Path,
+    name: str = "unet-pets",
+    input_size: int = 128,
+    class_names: list[str] | None = None,
+    mode: str = "resize",
+    description: str = "",
+    default_for: list[str] | None = None,
+) -> ModelSpec:
+    """Write a registry model folder: ``model.keras`` (weights only, no optimizer) and ``spec.json``.
+
+    The saved model loads with ``keras.saving.load_model(path, compile=False)`` and no custom objects.
+    """
+    import keras
+
+    out = Path(export_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = keras.saving.load_model(checkpoint, compile=False)
+    model.save(out / "model.keras")
+    names = class_names or [c.name for c in PET_CLASSES]
+    if names == [c.name for c in PET_CLASSES]:
+        classes = PET_CLASSES
+    else:
+        classes = [ClassSpec(id=i, name=n, color=_PALETTE[i % len(_PALETTE)]) for i, n in enumerate(names)]
+    spec = ModelSpec(
+        name=name, kind="semantic", source="model.keras", source_format="keras",
+        description=description or "U-Net (Keras 3) for pet / background / outline on photos",
+        classes=classes, background_class=1 if names[:2] == ["pet", "background"] else 0,
+        channels=3, normalization=Normalization(kind="scale", scale=255.0), input_size=input_size,
+        mode=mode, overlap=input_size // 4, batch_size=16, blend="gaussian",
+        default_for=default_for if default_for is not None else ["photo"],
+    )
+    spec.to_file(out / "spec.json")
+    return ModelSpec.from_file(out / "spec.json")
+
+
+def write_metrics(report: dict[str, Any], path: str | Path) -> None:
+    """Write an evaluation report as indented JSON."""
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,301 @@
+"""Photo adapter: real pet photos, every supported mode/format, EXIF orientation, sinks, COCO output, bad input."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from rasterio.windows import Window
+
+from adapters.base import AdapterError, InputTooLarge, UnsupportedInput
+from adapters.geotiff import GeoTiffFormat
+from adapters.photo import PhotoFormat, blend_overlay
+from pipelines.instances import Instance
+
+PETS = Path(__file__).resolve().parents[2] / "shared" / "data" / "oxford_pets" / "images"
+NAMES = ["background", "cat", "dog"]
+COLORS = [(0, 0, 0), (255, 0, 0), (0, 255, 0)]
+
+
+@pytest.fixture
+def fmt() -> PhotoFormat:
+    return PhotoFormat()
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(1024)
+
+
+def _pet() -> Path:
+    p = PETS / "Abyssinian_1.jpg"
+    if not p.is_file():
+        pytest.skip(f"real data absent: {p}")
+    return p
+
+
+def _open_one(fmt: PhotoFormat, path: Path, **kw):
+    src = fmt.open(str(path), **kw)
+    (item,) = list(src.items())
+    return src, item
+
+
+def test_real_pet_jpeg(fmt):
+    p = _pet()
+    assert fmt.sniff(str(p), _head(p)) and not GeoTiffFormat().sniff(str(p), _head(p))
+    src, item = _open_one(fmt, p)
+    with src:
+        ref = np.asarray(Image.open(p).convert("RGB"))
+        assert item.key == "" and not item.streamable
+        assert (item.info.height, item.info.width, item.info.bands, item.info.dtype) == (*ref.shape[:2], 3, "uint8")
+        px = item.read()
+        assert px.shape == (3, *ref.shape[:2]) and px.dtype == np.uint8
+        np.testing.assert_array_equal(px.transpose(1, 2, 0), ref)
+        np.testing.assert_array_equal(item.read(Window(5, 7, 20, 10)), px[:, 7:17, 5:25])
+        assert item.valid_mask() is None
+        prev = item.preview(64)
+        assert max(prev.shape[:2]) == 64 and prev.dtype == np.uint8
+
+
+GRAD = np.stack([*np.meshgrid(np.arange(24) * 10, np.arange(16) * 15, indexing="xy"), np.full((16, 24), 77)],
+                axis=-1).astype(np.uint8)  # (16, 24, 3)
+
+
+@pytest.mark.parametrize(
+    "name, make, expect",
+    [
+        ("gray.png", lambda: Image.fromarray(GRAD[..., 0]), lambda: np.repeat(GRAD[..., :1], 3, 2)),
+        ("pal.png", lambda: Image.fromarray(GRAD).quantize(16), None),
+        ("rgb.bmp", lambda: Image.fromarray(GRAD), lambda: GRAD),
+        ("rgb.webp", lambda: Image.fromarray(GRAD), None),
+        ("plain.tif", lambda: Image.fromarray(GRAD), lambda: GRAD),
+        ("cmyk.jpg", lambda: Image.fromarray(GRAD).convert("CMYK"), None),
+    ],
+)
+def test_modes_and_formats_become_rgb_uint8(tmp_path, fmt, name, make, expect):
+    p = tmp_path / name
+    im = make()
+    im.save(p, **({"lossless": True} if name.endswith(".webp") else {}))
+    assert fmt.sniff(str(p), _head(p))
+    src, item = _open_one(fmt, p)
+    with src:
+        px = item.read()
+    assert px.shape == (3, 16, 24) and px.dtype == np.uint8
+    want = expect() if expect else np.asarray(Image.open(p).convert("RGB"))
+    np.testing.assert_array_equal(px.transpose(1, 2, 0), want)
+
+
+def test_16bit_png_scaled_full_range(tmp_path, fmt):
+    arr = np.array([[0, 257, 65535], [1000, 30000, 65535]], np.uint16)
+    p = tmp_path / "deep.png"
+    Image.fromarray(arr).save(p)
+    src, item = _open_one(fmt, p)
+    with src:
+        px = item.read()
+    np.testing.assert_array_equal(px[0], np.rint(arr / 257).astype(np.uint8))
+    assert (px[0] == px[2]).all()
+
+
+def test_rgba_transparency_is_nodata(tmp_path, fmt):
+    rgba = np.zeros((10, 12, 4), np.uint8)
+    rgba[..., :3] = 200
+    rgba[..., 3] = 255
+    rgba[:, :4, 3] = 0
+    p = tmp_path / "a.png"
+    Image.fromarray(rgba, "RGBA").save(p)
+    src, item = _open_one(fmt, p)
+    with src:
+        assert item.read().shape == (3, 10, 12)
+        vm = item.valid_mask()
+        assert not vm[:, :4].any() and vm[:, 4:].all()
+        np.testing.assert_array_equal(item.valid_mask(Window(2, 0, 4, 3)), vm[:3, 2:6])
+
+
+def test_multiframe_gif_uses_first_frame(tmp_path, fmt):
+    frames = [Image.new("RGB", (8, 6), c) for c in ((255, 0, 0), (0, 0, 255))]
+    p = tmp_path / "anim.gif"
+    frames[0].save(p, save_all=True, append_images=frames[1:])
+    src, item = _open_one(fmt, p)
+    with src:
+        assert any("2 frames" in w for w in item.info.warnings)
+        px = item.read()
+    assert (px[0] > 200).all() and (px[2] < 50).all()
+
+
+@pytest.mark.parametrize("orientation, rot", [(6, -90), (8, 90), (3, 180)])
+def test_exif_orientation_applied(tmp_path, fmt, orientation, rot):
+    # Stored image 40 wide x 20 high with a red left half; orientation 6 means "rotate 90 cw to display".
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20] = (255, 0, 0)
+    arr[:, 20:] = (0, 0, 255)
+    im = Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    p = tmp_path / "rot.jpg"
+    im.save(p, exif=exif, quality=95)
+    src, item = _open_one(fmt, p)
+    want = np.asarray(Image.fromarray(arr).rotate(rot, expand=True))
+    with src:
+        assert (item.info.height, item.info.width) == want.shape[:2]
+        assert item.info.extra["exif_orientation"] == orientation
+        px = item.read().transpose(1, 2, 0).astype(int)
+    assert px.shape == want.shape
+    assert np.abs(px - want).mean() < 8  # JPEG noise only; a wrong rotation differs by ~128 on average
+
+
+def test_semantic_sink_palette_mask_and_overlay(tmp_path, fmt):
+    rgba = np.full((30, 50, 4), 100, np.uint8)
+    rgba[..., 3] = 255
+    rgba[25:, :, 3] = 0  # transparent rows -> no data
+    p = tmp_path / "pic.png"
+    Image.fromarray(rgba, "RGBA").save(p)
+    classes = np.zeros((30, 50), np.uint8)
+    classes[5:15, 10:40] = 1
+    classes[15:30, 0:10] = 2
+    src, item = _open_one(fmt, p)
+    with src:
+        sink = fmt.semantic_sink(item, tmp_path / "out", NAMES, COLORS)
+        for r0 in (0, 16):  # two blocks
+            win = Window(0, r0, 50, min(16, 30 - r0))
+            sink.write(win, classes[r0 : r0 + win.height], np.ones((win.height, 50), np.float32))
+        arts = {a.kind: a.path for a in sink.close()}
+    assert set(arts) == {"mask_png", "overlay"} and arts["mask_png"].name == "pic_mask.png"
+    m = Image.open(arts["mask_png"])
+    assert m.mode == "P"
+    got = np.asarray(m)
+    want = classes.copy()
+    want[25:] = 255
+    np.testing.assert_array_equal(got, want)
+    assert m.getpalette()[3:9] == [255, 0, 0, 0, 255, 0]
+    ov = np.asarray(Image.open(arts["overlay"])).astype(int)
+    assert ov.shape == (30, 50, 3)
+    assert (ov[0, 0] == 100).all()  # background class: left transparent
+    assert tuple(ov[10, 20]) == (178, 50, 50)  # cat: 50 % red
+    assert tuple(ov[20, 5]) == (50, 178, 50)  # dog
+    assert (ov[27, 5] == 100).all()  # no data: not painted
+
+
+def test_blend_overlay_rejects_shape_mismatch():
+    with pytest.raises(ValueError):
+        blend_overlay(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5), np.uint8), COLORS)
+
+
+def _instance(mask: np.ndarray, cid: int, score: float) -> Instance:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    return Instance(cid, score, tuple(float(v) for v in mask_utils.toBbox(rle)), rle, int(mask.sum()))
+
+
+def test_write_instances_coco_json_and_overlay(tmp_path, fmt):
+    p = tmp_path / "two.png"
+    Image.fromarray(np.full((60, 80, 3), 120, np.uint8)).save(p)
+    a = np.zeros((60, 80), bool)
+    a[10:30, 5:25] = True
+    b = np.zeros((60, 80), bool)
+    b[30:55, 40:75] = True
+    src, item = _open_one(fmt, p)
+    with src:
+        arts = {x.kind: x.path for x in fmt.write_instances(item, [_instance(a, 1, 0.93), _instance(b, 2, 0.71)],
+                                                             tmp_path / "o", NAMES, COLORS)}
+    assert set(arts) == {"coco_json", "overlay"}
+    doc = json.loads(arts["coco_json"].read_text())
+    assert {c["id"]: c["name"] for c in doc["categories"]} == {0: "background", 1: "cat", 2: "dog"}
+    anns = doc["annotations"]
+    assert [(x["category_id"], x["score"], x["bbox"]) for x in anns] == [
+        (1, 0.93, [5.0, 10.0, 20.0, 20.0]), (2, 0.71, [40.0, 30.0, 35.0, 25.0])]
+    assert all(isinstance(x["segmentation"]["counts"], str) for x in anns)
+    gt = COCO(str(arts["coco_json"]))  # valid COCO dataset; annotations alone are a valid results list
+    res = gt.loadRes(anns)
+    np.testing.assert_array_equal(res.annToMask(res.anns[1]).astype(bool), a)
+    np.testing.assert_array_equal(mask_utils.decode(anns[1]["segmentation"]).astype(bool), b)
+    ov = np.asarray(Image.open(arts["overlay"])).astype(int)
+    assert ov.shape == (60, 80, 3)
+    assert ov[20, 15, 0] > 150 and ov[20, 15, 1] < 120  # inside the cat: reddish
+    assert ov[45, 60, 1] > 150 and ov[45, 60, 0] < 120  # inside the dog: greenish
+    assert (ov[58, 2] == 120).all()  # far from both: untouched
+    label = ov[0:10, 5:40]  # label box above the cat's box top edge (y=10)
+    assert (np.abs(label - 120).sum(axis=-1) > 60).mean() > 0.3
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def test_truncated_jpeg_fails_on_read(tmp_path, fmt):
+    raw = _pet().read_bytes()
+    p = tmp_path / "cut.jpg"
+    p.write_bytes(raw[: len(raw) // 2])
+    src, item = _open_one(fmt, p)  # header is intact
+    with src, pytest.raises(AdapterError, match="cut.jpg"):
+        item.read()
+
+
+def test_truncated_png_fails(tmp_path, fmt):
+    p = tmp_path / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(p)
+    p.write_bytes(p.read_bytes()[:3000])
+    with pytest.raises(AdapterError, match="cut.png"):
+        src, item = _open_one(fmt, p)
+        item.read()
+
+
+def test_text_file_named_jpg(tmp_path, fmt):
+    p = tmp_path / "letter.jpg"
+    p.write_text("Dear reader,\n" * 20)
+    assert not fmt.sniff(str(p), _head(p))
+    with pytest.raises(UnsupportedInput, match="letter.jpg"):
+        fmt.open(str(p))
+
+
+def test_empty_file(tmp_path, fmt):
+    p = tmp_path / "empty.png"
+    p.write_bytes(b"")
+    with pytest.raises(UnsupportedInput, match="empty"):
+        fmt.open(str(p))
+
+
+def _patch_png_size(data: bytes, width: int, height: int) -> bytes:
+    # IHDR is the first chunk: 8-byte signature, 4-byte length, b"IHDR", 13 bytes of data, CRC.
+    ihdr = bytearray(data[16:29])
+    ihdr[0:8] = struct.pack(">II", width, height)
+    crc = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)) & 0xFFFFFFFF)
+    return data[:16] + bytes(ihdr) + crc + data[33:]
+
+
+def test_png_bomb_refused_from_header(tmp_path, fmt):
+    small = tmp_path / "s.png"
+    Image.new("L", (8, 8)).save(small)
+    p = tmp_path / "bomb.png"
+    p.write_bytes(_patch_png_size(small.read_bytes(), 100_000, 100_000))
+    assert fmt.sniff(str(p), _head(p))
+    with pytest.raises(InputTooLarge, match="bomb.png"):
+        fmt.open(str(p))
+
+
+def test_max_pixels_limit(tmp_path, fmt):
+    p = tmp_path / "m.png"
+    Image.new("RGB", (40, 30)).save(p)
+    with pytest.raises(InputTooLarge, match="40x30"):
+        fmt.open(str(p), max_pixels=1000)
+    src, _ = _open_one(fmt, p, max_pixels=1200)
+    src.close()
+
+
+def test_detect_routes_photos_and_plain_tiffs(tmp_path):
+    pytest.importorskip("adapters.dicom")  # detect() walks every registered format
+    from adapters import detect
+
+    tif = tmp_path / "plain.tif"
+    Image.fromarray(GRAD).save(tif)
+    assert detect(str(tif)).name == "photo"
+    assert detect(str(_pet())).name == "photo"
+    txt = tmp_path / "x.jpg"
+    txt.write_text("hello")
+    with pytest.raises(UnsupportedInput):
+        detect(str(txt))

@@ -1,0 +1,115 @@
+"""HTTP API contract: validation, 404s, pagination, health — in-process against the embedded stack."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+
+@pytest.fixture
+def client(tiny_models: Path) -> TestClient:
+    from core.db import upgrade
+
+    upgrade()
+    from api.app import app
+
+    return TestClient(app)
+
+
+def test_health_ok(client: TestClient) -> None:
+    r = client.get("/health")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"status": "ok", "database": "ok", "broker": "ok"}
+
+
+def test_submit_and_query(client: TestClient, photo_dir: Path) -> None:
+    r = client.post("/jobs", json={"inputs": [str(photo_dir)], "pipeline": "tiny-photo"})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert r.headers["location"] == f"/jobs/{job['id']}"
+    assert job["status"] == "queued" and job["pipeline"] == "tiny-photo"
+    got = client.get(f"/jobs/{job['id']}").json()
+    assert got["inputs"] == [{"path": str(photo_dir.resolve()), "truth": None}]
+    # No worker runs in this test: the job waits in the queue, and its (empty) results are queryable.
+    assert client.get(f"/jobs/{job['id']}/items").json()["total"] == 0
+    assert client.get(f"/jobs/{job['id']}/metrics").json()["classes"] == []
+
+
+def test_list_filters_and_pagination(client: TestClient, photo_dir: Path) -> None:
+    ids = [client.post("/jobs", json={"inputs": [str(photo_dir)]}).json()["id"] for _ in range(5)]
+    page = client.get("/jobs", params={"limit": 2, "offset": 0}).json()
+    assert page["total"] == 5 and len(page["jobs"]) == 2
+    assert page["jobs"][0]["id"] == ids[-1]  # newest first
+    rest = client.get("/jobs", params={"limit": 10, "offset": 2}).json()["jobs"]
+    assert [j["id"] for j in page["jobs"] + rest] == ids[::-1]
+    assert client.get("/jobs", params={"status": "succeeded"}).json()["total"] == 0
+    assert client.get("/jobs", params={"status": "queued"}).json()["total"] == 5
+    assert client.get("/jobs", params={"since": "2999-01-01T00:00:00Z"}).json()["total"] == 0
+    r = client.get("/jobs", params={"status": "bogus"})
+    assert r.status_code == 422 and "status" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"inputs": ["x.png"], "pipeline": "no-such-model"}, "unknown pipeline"),
+        ({"inputs": []}, "inputs"),
+        ({"pipeline": "auto"}, "inputs"),
+        ({"inputs": ["x.png"], "options": {"score_threshold": 3}}, "score_threshold"),
+        ({"inputs": ["x.png"], "options": {"colour": "red"}}, "colour"),
+        ({"inputs": ["/etc/passwd"]}, "outside the allowed input roots"),
+        ({"inputs": ["../../etc/passwd"]}, "outside the allowed input roots"),
+    ],
+)
+def test_submit_validation(client: TestClient, body: dict, fragment: str) -> None:
+    r = client.post("/jobs", json=body)
+    assert r.status_code == 422, r.text
+    assert fragment in r.json()["detail"]
+
+
+def test_malformed_json_is_422(client: TestClient) -> None:
+    r = client.post("/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+
+
+def test_unknown_ids_are_404(client: TestClient) -> None:
+    jid, iid = uuid.uuid4(), uuid.uuid4()
+    for method, url in [("get", f"/jobs/{jid}"), ("get", f"/jobs/{jid}/items"), ("get", f"/jobs/{jid}/metrics"),
+                        ("get", f"/jobs/{jid}/items/{iid}"), ("get", f"/jobs/{jid}/items/{iid}/artifacts/overlay"),
+                        ("post", f"/jobs/{jid}/cancel")]:
+        r = getattr(client, method)(url)
+        assert r.status_code == 404, (url, r.status_code)
+    assert client.get("/jobs/not-a-uuid").status_code == 422
+
+
+def test_upload_size_limit(client: TestClient, monkeypatch: pytest.MonkeyPatch, photo_dir: Path) -> None:
+    from tests.conftest import reset_all
+
+    monkeypatch.setenv("TILESEG_MAX_UPLOAD_BYTES", "1000")
+    reset_all()
+    f = next(photo_dir.glob("*.jpg"))
+    r = client.post("/jobs", files=[("files", (f.name, f.read_bytes(), "image/jpeg"))])
+    assert r.status_code == 413
+
+
+def test_upload_names_are_not_trusted(client: TestClient, photo_dir: Path, ts_env: dict[str, str]) -> None:
+    f = next(photo_dir.glob("*.jpg"))
+    r = client.post("/jobs", files=[("files", ("../../../evil name.jpg", f.read_bytes(), "image/jpeg"))],
+                    data={"pipeline": "tiny-photo"})
+    assert r.status_code == 202, r.text
+    job = client.get(f"/jobs/{r.json()['id']}").json()
+    stored = Path(job["inputs"][0]["path"])
+    uploads = Path(ts_env["TILESEG_DATA_DIR"]).resolve() / "artifacts" / "uploads"
+    assert stored.resolve().is_relative_to(uploads)
+    assert ".." not in stored.name and " " not in stored.name
+    assert stored.read_bytes() == f.read_bytes()
+
+
+def test_models_and_openapi(client: TestClient) -> None:
+    names = {m["name"] for m in client.get("/models").json()}
+    assert {"tiny-photo", "tiny-geo", "tiny-ct"} <= names
+    spec = client.get("/openapi.json").json()
+    assert "/jobs/{job_id}/items/{item_id}/artifacts/{kind}" in spec["paths"]

@@ -1,0 +1,101 @@
+"""Job state transitions and input-path safety, against the real SQLite and PostgreSQL databases."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from core import jobs
+from core.models import ItemStatus, JobStatus
+from tests.conftest import reset_all
+
+
+def _setup_db(url: str | None = None) -> None:
+    from core.db import upgrade
+
+    upgrade()
+
+
+def _planned(n: int) -> list[jobs.PlannedItem]:
+    return [jobs.PlannedItem(source=f"/x/{i}.png", key="", group=None, format="photo", truth=None, meta={})
+            for i in range(n)]
+
+
+def _exercise_counters() -> None:
+    from core.db import session_scope
+
+    with session_scope() as s:
+        job = jobs.create_job(s, [jobs.InputSpec("/x")], "auto")
+        job_id = job.id
+    with session_scope() as s:
+        rows = jobs.record_plan(s, job_id, _planned(3))
+        ids = [r.id for r in rows]
+    with session_scope() as s:
+        assert jobs.record_plan(s, job_id, _planned(3)) == []  # planning twice adds nothing
+    with session_scope() as s:
+        assert jobs.start_item(s, ids[0])
+        assert not jobs.finish_item(s, ids[0], job_id, ItemStatus.succeeded)
+        # A redelivered task finishing the same item again is not counted twice.
+        assert not jobs.finish_item(s, ids[0], job_id, ItemStatus.succeeded)
+        assert not jobs.start_item(s, ids[0])
+        assert not jobs.finish_item(s, ids[1], job_id, ItemStatus.failed, error="bad file")
+        assert jobs.finish_item(s, ids[2], job_id, ItemStatus.succeeded)  # the last one completes the job
+    with session_scope() as s:
+        job = jobs.get_job(s, job_id)
+        assert (job.items_total, job.items_done, job.items_failed) == (3, 3, 1)
+        assert job.status == JobStatus.running
+
+
+def test_counters_sqlite(ts_env: dict[str, str]) -> None:
+    _setup_db()
+    _exercise_counters()
+
+
+@pytest.mark.services
+def test_counters_postgres(ts_env: dict[str, str], pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TILESEG_DATABASE_URL", pg_url)
+    reset_all()
+    _setup_db()
+    _exercise_counters()
+
+
+def test_cancel_keeps_finished(ts_env: dict[str, str]) -> None:
+    from core.db import session_scope
+
+    _setup_db()
+    with session_scope() as s:
+        job_id = jobs.create_job(s, [jobs.InputSpec("/x")]).id
+    with session_scope() as s:
+        ids = [r.id for r in jobs.record_plan(s, job_id, _planned(4))]
+    with session_scope() as s:
+        jobs.start_item(s, ids[0])
+        jobs.finish_item(s, ids[0], job_id, ItemStatus.succeeded)
+        jobs.start_item(s, ids[1])
+    with session_scope() as s:
+        job = jobs.cancel_job(s, job_id)
+        assert job.status == JobStatus.cancelled
+    with session_scope() as s:
+        items, total = jobs.list_items(s, job_id)
+        assert [i.status for i in items] == ["succeeded", "running", "cancelled", "cancelled"]
+        # The running item may still finish and is counted then.
+        assert jobs.finish_item(s, ids[1], job_id, ItemStatus.succeeded)
+
+
+def test_input_paths_must_stay_inside_roots(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.png").write_bytes(b"x")
+    outside = tmp_path / "secret.txt"
+    outside.write_text("no")
+    os.symlink(outside, root / "link.txt")
+    roots = [root]
+    assert jobs.check_input_path(str(root / "sub" / "a.png"), roots) == str((root / "sub" / "a.png").resolve())
+    assert jobs.check_input_path("sub/a.png", roots) == str((root / "sub" / "a.png").resolve())
+    for bad in [str(outside), "../secret.txt", str(root / "sub" / ".." / ".." / "secret.txt"), str(root / "link.txt"),
+                "/etc/passwd", "sub/\x00a.png"]:
+        with pytest.raises(jobs.PathNotAllowed):
+            jobs.check_input_path(bad, roots)
+    with pytest.raises(jobs.PathNotAllowed, match="disabled"):
+        jobs.check_input_path(str(root / "sub" / "a.png"), [])
