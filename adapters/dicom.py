@@ -919,24 +919,27 @@ def _write_seg(
     if pixels.ndim == 3:
         pixels = pixels.astype(np.uint8 if len(segment_ids) < 256 else np.uint16)
     try:
-        seg = hd.seg.Segmentation(
-            source_images=sources,
-            pixel_array=pixels,
-            segmentation_type=segmentation_type,
-            segment_descriptions=_segment_descriptions(segment_ids, class_names, colors),
-            series_instance_uid=generate_uid(),
-            series_number=9001,
-            sop_instance_uid=generate_uid(),
-            instance_number=1,
-            manufacturer="tileseg",
-            manufacturer_model_name="tileseg",
-            software_versions=_SOFTWARE,
-            device_serial_number="0",
-            series_description="tileseg segmentation",
-            content_description=("source UIDs generated" if warns else "tileseg segmentation"),
-            content_label="TILESEG",
-            omit_empty_frames=True,
-        )
+        with warnings.catch_warnings():
+            # highdicom warns about source quirks (one-component person names...), not about our output.
+            warnings.simplefilter("ignore", UserWarning)
+            seg = hd.seg.Segmentation(
+                source_images=sources,
+                pixel_array=pixels,
+                segmentation_type=segmentation_type,
+                segment_descriptions=_segment_descriptions(segment_ids, class_names, colors),
+                series_instance_uid=generate_uid(),
+                series_number=9001,
+                sop_instance_uid=generate_uid(),
+                instance_number=1,
+                manufacturer="tileseg",
+                manufacturer_model_name="tileseg",
+                software_versions=_SOFTWARE,
+                device_serial_number="0",
+                series_description="tileseg segmentation",
+                content_description=("source UIDs generated" if warns else "tileseg segmentation"),
+                content_label="TILESEG",
+                omit_empty_frames=True,
+            )
         out_path.parent.mkdir(parents=True, exist_ok=True)
         seg.save_as(out_path)
     except AdapterError:

@@ -11,7 +11,7 @@ computed on a sphere of the mean Earth radius (error well under 1 % for mapping 
 "metres" are not ground metres (scale 1/cos²(latitude)); such rasters get a warning.
 
 Polygons come from :func:`rasterio.features.shapes` over the finished class raster read in chunks of
-``polygon_chunk`` pixels (default 4096) with each chunk's window transform: objects crossing a chunk edge
+``polygon_chunk`` pixels (default 2048) with each chunk's window transform: objects crossing a chunk edge
 are split there (rasters up to one chunk are polygonized whole; the sink's own 512-pixel write blocks never
 split polygons).
 """
@@ -476,7 +476,7 @@ class GeoTiffMaskSink(MaskSink):
         confidence: bool = True,
         polygons: bool = True,
         skip_classes: Iterable[int] | None = None,
-        polygon_chunk: int = 4096,
+        polygon_chunk: int = 2048,
         overlay_size: int = 1024,
     ) -> None:
         self.item = item
@@ -566,7 +566,7 @@ def polygonize_classes(
     class_names: Sequence[str],
     *,
     skip: set[int] | None = None,
-    chunk: int = 4096,
+    chunk: int = 2048,
 ) -> int:
     """Polygons of each class of a single-band uint8 class raster as GeoJSON in the raster's CRS.
 
@@ -768,7 +768,7 @@ class GeoTiffFormat(Format):
 
     name = "geotiff"
 
-    def __init__(self, *, confidence: bool = True, polygons: bool = True, polygon_chunk: int = 4096) -> None:
+    def __init__(self, *, confidence: bool = True, polygons: bool = True, polygon_chunk: int = 2048) -> None:
         self.confidence = confidence
         self.polygons = polygons
         self.polygon_chunk = polygon_chunk

@@ -104,7 +104,7 @@ def _walk(path: str) -> Iterable[str]:
     from adapters import detect
 
     if "://" in path:
-        yield path
+        yield from _walk_url(path)
         return
     if any(ch in path for ch in "*?[") and not os.path.exists(path):
         for p in sorted(glob.glob(path, recursive=True)):
@@ -126,6 +126,28 @@ def _walk(path: str) -> Iterable[str]:
             if name.startswith(".") or name in _SKIP_NAMES:
                 continue
             yield os.path.join(dirpath, name)
+
+
+def _walk_url(url: str) -> Iterable[str]:
+    """Object-store inputs: a file URL as is; a folder URL expanded to its files, except a DICOM series
+    folder (its first file starts with the DICOM preamble), which stays one source."""
+    from fsspec.core import url_to_fs
+
+    from core.settings import get_settings
+
+    fs, root = url_to_fs(url, **get_settings().storage_options)
+    if not fs.isdir(root):
+        yield url
+        return
+    proto = url.split("://", 1)[0]
+    files = sorted(f for f in fs.find(root) if not os.path.basename(f).startswith("."))
+    if files:
+        with fs.open(files[0], "rb") as fh:
+            if fh.read(132)[128:132] == b"DICM":
+                yield url
+                return
+    for f in files:
+        yield f"{proto}://{f}"
 
 
 @dataclass
@@ -164,8 +186,9 @@ def expand_inputs(inputs: Sequence[dict[str, Any]], max_pixels: int, storage_opt
                                            error=str(exc)))
             except Exception as exc:  # noqa: BLE001 - a hostile file must not sink the whole job
                 log.exception("unexpected error opening %s", path)
+                msg = f"{os.path.basename(path)}: cannot be read ({type(exc).__name__}: {exc})"
                 planned.append(PlannedItem(source=path, key="", group=None, format=None, truth=truth, meta={},
-                                           error=f"{os.path.basename(path)}: cannot be read ({type(exc).__name__}: {exc})"))
+                                           error=msg))
     return planned
 
 

@@ -414,7 +414,7 @@ def train_unet(cfg: TrainConfig) -> Path:
     if initial_epoch < cfg.epochs:
         tf.get_logger().setLevel("ERROR")
         model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, initial_epoch=initial_epoch,
-                  callbacks=_make_callbacks(cfg, out, state), verbose=0)
+                  callbacks=_make_callbacks(cfg, out, state), verbose=0, shuffle=False)
     write_training_curve(out / "history.csv", out / "training_curve.png")
     return out / "best.keras"
 

@@ -304,11 +304,21 @@ def test_folder_with_bad_file_keeps_the_rest(tmp_path):
     assert any("seg.dcm: skipped" in w for w in src.warnings)
 
 
-def test_empty_folder_is_an_error(tmp_path):
+def test_folder_without_images(tmp_path):
+    (tmp_path / "README.txt").write_text("nothing here")
+    with pytest.raises(AdapterError, match="no DICOM images"):
+        DicomFormat().open(str(tmp_path))
     (tmp_path / "a.dcm").write_text("nope")
-    with pytest.raises(AdapterError):
-        items = open_items(tmp_path)
-        items[0].read()
+    (item,) = open_items(tmp_path)  # a bad .dcm fails as its own item
+    with pytest.raises(AdapterError, match="a.dcm: not a DICOM file"):
+        item.read()
+
+
+def test_detect_picks_dicom():
+    from adapters import detect
+
+    assert detect(str(need(TOTALSEG / "dicom_ct"))).name == "dicom"
+    assert detect(str(pyd_file("CT_small.dcm"))).name == "dicom"
 
 
 # -------------------------------------------------------------------------------------------------- outputs
@@ -414,16 +424,17 @@ def test_seg_matches_reference_dcmqi_seg(tmp_path):
         r.ReferencedSOPInstanceUID for r in ref_series.ReferencedInstanceSequence
     }
     shared = ours.SharedFunctionalGroupsSequence[0]
-    for ours_f, ref_f in zip(ours.PerFrameFunctionalGroupsSequence, refds.PerFrameFunctionalGroupsSequence, strict=True):
+    for ours_f in ours.PerFrameFunctionalGroupsSequence:
         src = ours_f.DerivationImageSequence[0].SourceImageSequence[0]
         assert src.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
         seg_id = ours_f.get("SegmentIdentificationSequence") or shared.SegmentIdentificationSequence
         assert seg_id[0].ReferencedSegmentNumber == 1
-        assert np.allclose(
-            [float(x) for x in ours_f.PlanePositionSequence[0].ImagePositionPatient],
-            [float(x) for x in ref_f.PlanePositionSequence[0].ImagePositionPatient],
-            atol=1e-3,
-        )
+
+    def positions(ds):
+        frames = ds.PerFrameFunctionalGroupsSequence
+        return sorted(float(f.PlanePositionSequence[0].ImagePositionPatient[2]) for f in frames)
+
+    assert np.allclose(positions(ours), positions(refds), atol=1e-3)
     assert np.allclose(
         [float(x) for x in shared.PixelMeasuresSequence[0].PixelSpacing],
         [float(x) for x in refds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing],

@@ -6,6 +6,8 @@ the same code runs in tests and in any worker.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import tempfile
 import traceback
 import uuid
@@ -234,6 +236,7 @@ def _semantic_rows(job_id: uuid.UUID, item_id: uuid.UUID, result: Any) -> list[C
 
 def _record_success(job_id: uuid.UUID, item_id: uuid.UUID, artifacts: dict[str, Any], metric_rows: list,
                     instance_rows: list, meta: dict[str, Any]) -> bool:
+    meta = {**meta, "processed_by": f"{socket.gethostname()}:{os.getpid()}"}
     with session_scope() as session:
         # Idempotent: a re-run replaces this item's rows instead of adding duplicates.
         session.execute(delete(ClassMetric).where(ClassMetric.item_id == item_id))

@@ -1,0 +1,117 @@
+"""The embedded default end to end: `tileseg run` with no servers, a mixed batch, one bad file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 420) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "core.cli", *args], cwd=REPO, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_mixed_batch(tiny_models: Path, photo_dir: Path, tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+
+    bad = photo_dir / "broken.jpg"
+    bad.write_bytes((photo_dir / sorted(os.listdir(photo_dir))[0]).read_bytes()[:300])
+    notes = photo_dir / "notes.txt"
+    notes.write_text("not an image")
+    geotiff = REPO / "samples" / "geotiff" / "rio_img64.tif"
+    ct = get_testdata_file("CT_small.dcm")
+
+    proc = run_cli("run", str(photo_dir), str(geotiff), ct, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["status"] == "partial"
+    assert out["items_total"] == 7 and out["items_done"] == 7 and out["items_failed"] == 2
+    by_name = {Path(i["source"]).name: i for i in out["items"]}
+    assert by_name["broken.jpg"]["status"] == "failed" and "broken.jpg" in by_name["broken.jpg"]["error"]
+    assert by_name["notes.txt"]["status"] == "failed" and "notes.txt" in by_name["notes.txt"]["error"]
+    ok = [i for i in out["items"] if i["status"] == "succeeded"]
+    assert len(ok) == 5
+    assert {i["meta"]["model"] for i in ok} == {"tiny-photo", "tiny-geo", "tiny-ct"}
+    geo = by_name["rio_img64.tif"]
+    assert geo["format"] == "geotiff" and "class_raster" in geo["artifacts"]
+    assert by_name["CT_small.dcm"]["format"] == "dicom"
+
+    # Every artifact exists and matches its stored checksum; per-item figures cover every valid pixel.
+    import sqlalchemy as sa
+
+    from core.settings import get_settings
+
+    eng = sa.create_engine(get_settings().db_url)
+    with eng.connect() as c:
+        rows = c.execute(sa.text("SELECT id, artifacts FROM items WHERE status='succeeded'")).all()
+    eng.dispose()
+    for _, artifacts in rows:
+        artifacts = json.loads(artifacts) if isinstance(artifacts, str) else artifacts
+        assert artifacts
+        for art in artifacts.values():
+            p = Path(art["uri"])
+            assert p.is_file() and _sha(p) == art["sha256"] and p.stat().st_size == art["bytes"]
+    for it in ok:
+        total = sum(m["pixel_count"] for m in it["metrics"])
+        assert total == it["meta"]["height"] * it["meta"]["width"] or it["format"] == "geotiff"
+        assert abs(sum(m["fraction"] for m in it["metrics"]) - 1.0) < 1e-6
+    ct_metrics = by_name["CT_small.dcm"]["metrics"]
+    assert all(m["area_unit"] == "mm2" for m in ct_metrics if m["pixel_count"])
+    # Job-level rows aggregate the items.
+    classes = {c["class_name"]: c for c in out["classes"]}
+    assert sum(c["pixel_count"] for c in classes.values()) == sum(
+        m["pixel_count"] for it in ok for m in it["metrics"])
+
+    # The stored results are queryable again by job ID.
+    again = run_cli("results", out["id"], "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["items"] == out["items"]
+    human = run_cli("results", out["id"])
+    assert "per-class figures" in human.stdout and "broken.jpg" in human.stdout
+
+
+def test_ground_truth_gives_dice(tiny_models: Path, tmp_path: Path) -> None:
+    """Scoring against a supplied mask: Dice/IoU stored per item and for the job."""
+    import numpy as np
+    from PIL import Image
+
+    img = tmp_path / "img.png"
+    truth = tmp_path / "truth.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(img)
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(truth)  # everything is class 0
+    proc = run_cli("run", str(img), "--truth", str(truth), "--pipeline", "tiny-photo", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    metrics = {m["class_id"]: m for m in out["items"][0]["metrics"]}
+    frac0 = metrics.get(0, {"pixel_count": 0})["pixel_count"] / (40 * 50)
+    # All truth is class 0, so IoU(0) = predicted share of class 0, Dice = 2p/(1+p).
+    assert metrics[0]["iou"] == pytest.approx(frac0, abs=1e-6)
+    assert metrics[0]["dice"] == pytest.approx(2 * frac0 / (1 + frac0), abs=1e-6)
+    job0 = {c["class_id"]: c for c in out["classes"]}[0]
+    assert job0["iou"] == pytest.approx(frac0, abs=1e-6)
+
+
+def test_unknown_pipeline_is_refused(tiny_models: Path, photo_dir: Path) -> None:
+    proc = run_cli("submit", str(photo_dir), "--pipeline", "nope")
+    assert proc.returncode != 0 and "unknown pipeline" in proc.stderr
+
+
+def test_models_json(tiny_models: Path) -> None:
+    proc = run_cli("models", "--json")
+    assert proc.returncode == 0
+    names = {m["name"]: m for m in json.loads(proc.stdout)}
+    assert names["tiny-ct"]["channels"] == 1 and names["tiny-ct"]["default_for"] == ["dicom"]
