@@ -859,6 +859,10 @@ def _source_datasets(items: Sequence[DicomItem]) -> tuple[list[Dataset], list[st
         ds = copy.deepcopy(it.dataset)
         if "PixelData" in ds:
             del ds.PixelData  # highdicom only needs the header; avoids reading deferred pixel bytes
+        if "FrameOfReferenceUID" not in ds and "PixelSpacing" in ds and "SliceThickness" not in ds:
+            # No patient geometry: highdicom would write a Pixel Measures item without SliceThickness that
+            # its own reader (and others) reject; the spacing means nothing without a frame of reference.
+            del ds.PixelSpacing
         if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
             del ds.SpecificCharacterSet  # blank (seen in real data) makes highdicom reject the source
         fill = {
@@ -907,6 +911,12 @@ def _write_seg(
     if multi:
         if len(sources) != 1:
             raise AdapterError(f"{name}: a group mixing multi-frame files cannot become one DICOM SEG")
+        if "SharedFunctionalGroupsSequence" not in sources[0]:
+            # highdicom only maps frames of enhanced (functional-group) multi-frame images.
+            raise AdapterError(
+                f"{name}: cannot write DICOM SEG for a legacy multi-frame image "
+                f"({sources[0].get('Modality', 'OT')}, no functional groups); the PNG masks are still written"
+            )
         n = _n_frames(sources[0])
         shape = (n, *frames[0].shape)
         pixels = np.zeros(shape, dtype=frames[0].dtype)

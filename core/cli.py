@@ -274,11 +274,15 @@ def cancel(job_id: str) -> None:
         click.echo(f"job {job_id}: {job.status}")
 
 
-def _spawn_worker() -> subprocess.Popen:
+def _spawn_worker(job_id: uuid.UUID) -> subprocess.Popen:
     """A local worker for `run` in embedded mode: same tasks, same queue, separate process (so TensorFlow
-    never loads in this process)."""
+    never loads in this process). Its log goes to the data directory, keeping stdout for results."""
+    logs = get_settings().data_path / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = open(logs / f"worker-{job_id}.log", "ab")  # noqa: SIM115 - handed to the child process
     cmd = [sys.executable, "-m", "core.cli", "worker", "--pool", "solo", "--loglevel", "WARNING"]
-    return subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
 
 
 @main.command()
@@ -292,7 +296,7 @@ def run(inputs, pipeline, truth, truth_map, score_threshold, as_json, local_work
     job_id = _submit(inputs, pipeline, truth, truth_map, score_threshold)
     if not as_json:
         click.echo(f"job {job_id} submitted", err=True)
-    worker = _spawn_worker() if (local_worker if local_worker is not None else s.embedded_queue) else None
+    worker = _spawn_worker(job_id) if (local_worker if local_worker is not None else s.embedded_queue) else None
     try:
         d = _wait(job_id, show=not as_json, timeout=timeout, worker=worker)
     finally:

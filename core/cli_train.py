@@ -63,6 +63,31 @@ def train_unet_command(export_dir: str | None, name: str, **kw) -> None:
         click.echo(f"exported {spec.name} to {export_dir}")
 
 
+@train.command("pseudo-label")
+@click.option("--model", "model", required=True, help="Teacher: registered name, model folder or .keras file.")
+@click.option("--data", "data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Unlabeled folder (images/, annotations/*.txt).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Where to write the pseudo-labeled folder (use it with train unet --extra-train).")
+@click.option("--threshold", default=0.9, show_default=True, type=click.FloatRange(0, 1),
+              help="Pixels whose top probability is lower are left unlabeled (ignored in training).")
+@click.option("--tta/--no-tta", default=True, show_default=True, help="Average with the flipped image.")
+@click.option("--mode", type=click.Choice(["resize", "tile"]), default=None)
+def pseudo_label_command(model: str, data: str, out: str, threshold: float, tta: bool, mode: str | None) -> None:
+    """Self-training: label an unlabeled folder with a teacher model's confident pixels."""
+    from adapters.base import AdapterError
+    from pipelines.evaluate import make_predictor, resolve_model
+    from pipelines.registry import ModelNotFound, load
+    from pipelines.train import pseudo_label
+
+    try:
+        predictor = make_predictor(load(resolve_model(model)), mode=mode, tta=tta)
+        info = pseudo_label(predictor, data, out, threshold=threshold)
+    except (AdapterError, ModelNotFound) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(json.dumps(info))
+
+
 @click.command("eval")
 @click.option("--model", "model", required=True, help="Registered model name, model folder or spec.json.")
 @click.option("--data", "data", required=True, type=click.Path(exists=True, file_okay=False),
@@ -79,9 +104,8 @@ def train_unet_command(export_dir: str | None, name: str, **kw) -> None:
 def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction: float, mode: str | None,
                  tta: bool, label_offset: int) -> None:
     """Score a semantic model on a labeled folder: pixel accuracy, mean IoU, per-class Dice and IoU."""
-    from pipelines.evaluate import evaluate_folder
-
     from adapters.base import AdapterError
+    from pipelines.evaluate import evaluate_folder
     from pipelines.registry import ModelNotFound
 
     try:

@@ -6,19 +6,21 @@ How a raster flows through :func:`predict_tiled`::
 
     reader thread:  read(window) -> pad to (S, S, C) ----> bounded queue
     caller thread:  stack batch_size tiles -> predict -----> bounded queue
-    writer thread:  weight, add into strip buffer, emit every finished block (h, w, K)
+    writer thread:  weight, add into the pending cells, emit every finished block (h, w, K)
 
 Tiles are visited row-major over a grid whose windows all have the same size (the last row/column is
 shifted back inside the raster, as MONAI does, so only rasters smaller than a tile need padding).
 Because of that grid, block ``(i, j)`` = rows ``[r_i, r_{i+1})`` x cols ``[c_j, c_{j+1})`` is touched only
 by tiles ``(i', j')`` with ``i' <= i`` and ``j' <= j``: it is final as soon as tile ``(i, j)`` has been
-added, and it starts at that tile's origin and lies inside it. The strip buffer therefore holds one tile row
-(``S x width x K`` float32) and memory does not depend on the raster height; the weight normaliser is
-separable (every tile uses the same outer-product window) and costs two 1-D arrays.
+added, and it starts at that tile's origin and lies inside it. Only pixels touched but not yet emitted are
+held (about ``2 x overlap x width x K`` float32 plus a tile), so memory does not depend on the raster
+height; the weight normaliser is separable (every tile uses the same outer-product window) and costs two
+1-D arrays.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import queue
 import threading
@@ -153,8 +155,15 @@ class TiledRaster:
     emit: Callable[[Window, np.ndarray], None]
 
 
-class _Strip:
-    """Accumulator for one raster: a tile-row-high, full-width buffer plus separable weight sums."""
+class _Accumulator:
+    """Accumulator for one raster, holding only pixels touched by a tile but not yet emitted.
+
+    Tile edges cut the raster into cells (rows between consecutive tile starts/ends, same for columns).
+    A tile adds its weighted prediction into the cells it covers (allocated on first touch); once tile
+    ``(i, j)`` is added, block ``(i, j)`` is final and its cells are assembled, normalised, emitted and
+    freed. What stays alive is about two overlap-high full-width bands plus one tile, so memory grows
+    with ``overlap x width``, not ``tile x width`` and not with the height.
+    """
 
     def __init__(self, raster: TiledRaster, cfg: TilingConfig, num_classes: int) -> None:
         self.raster = raster
@@ -170,44 +179,46 @@ class _Strip:
         self.norm_x = _axis_norm(self.cols, self.wx, raster.width)
         self.row_ends = self.rows[1:] + [raster.height]
         self.col_ends = self.cols[1:] + [raster.width]
+        self.row_cuts = sorted({0, raster.height, *self.rows, *(r + self.th for r in self.rows)})
+        self.col_cuts = sorted({0, raster.width, *self.cols, *(c + self.tw for c in self.cols)})
         self.num_classes = num_classes
-        self.buf: np.ndarray | None = None  # allocated on first tile: (th, width, K) float32
-        self.cur_row = 0
+        self.cells: dict[tuple[int, int], np.ndarray] = {}
 
     def tiles(self) -> Iterator[tuple[int, int, Window]]:
         for i, r in enumerate(self.rows):
             for j, c in enumerate(self.cols):
                 yield i, j, Window(c, r, self.tw, self.th)
 
+    @staticmethod
+    def _span(cuts: list[int], start: int, stop: int) -> range:
+        """Indices of the cells between cut positions ``start`` and ``stop`` (both are cuts)."""
+        return range(bisect.bisect_left(cuts, start), bisect.bisect_left(cuts, stop))
+
     def add(self, i: int, j: int, probs: np.ndarray) -> None:
         """Add tile ``(i, j)``'s ``(S, S, K)`` prediction and emit the block it finishes."""
-        if self.buf is None:
-            self.buf = np.zeros((self.th, self.raster.width, self.num_classes), np.float32)
-        if i != self.cur_row:
-            self._advance(i)
-        c = self.cols[j]
-        p = probs[: self.th, : self.tw]
-        weighted = p * self.wy[:, None, None]
+        r, c = self.rows[i], self.cols[j]
+        weighted = probs[: self.th, : self.tw] * self.wy[:, None, None]
         weighted *= self.wx[None, :, None]
-        self.buf[:, c : c + self.tw] += weighted
-        r0, r1 = self.rows[i], self.row_ends[i]
-        c1 = self.col_ends[j]
-        block = self.buf[: r1 - r0, c:c1]
-        norm = self.norm_y[r0:r1, None, None] * self.norm_x[None, c:c1, None]
-        self.raster.emit(Window(c, r0, c1 - c, r1 - r0), block / norm)
-
-    def _advance(self, i: int) -> None:
-        # Rows of the previous tile row below its finished segment carry over into the new strip.
-        assert self.buf is not None and i == self.cur_row + 1
-        shift = self.rows[i] - self.rows[self.cur_row]
-        keep = self.th - shift
-        if keep > 0:
-            self.buf[:keep] = self.buf[shift:].copy()
-        self.buf[max(keep, 0) :] = 0.0
-        self.cur_row = i
+        rc, cc = self.row_cuts, self.col_cuts
+        for a in self._span(rc, r, r + self.th):
+            for b in self._span(cc, c, c + self.tw):
+                part = weighted[rc[a] - r : rc[a + 1] - r, cc[b] - c : cc[b + 1] - c]
+                cell = self.cells.get((a, b))
+                if cell is None:
+                    self.cells[(a, b)] = part.copy()
+                else:
+                    cell += part
+        r1, c1 = self.row_ends[i], self.col_ends[j]
+        block = np.empty((r1 - r, c1 - c, self.num_classes), np.float32)
+        for a in self._span(rc, r, r1):
+            for b in self._span(cc, c, c1):
+                block[rc[a] - r : rc[a + 1] - r, cc[b] - c : cc[b + 1] - c] = self.cells.pop((a, b))
+        block /= self.norm_y[r:r1, None, None]
+        block /= self.norm_x[None, c:c1, None]
+        self.raster.emit(Window(c, r, c1 - c, r1 - r), block)
 
     def release(self) -> None:
-        self.buf = None
+        self.cells.clear()
 
 
 def _axis_norm(starts: Sequence[int], w: np.ndarray, length: int) -> np.ndarray:
@@ -267,12 +278,12 @@ def predict_tiled_many(
     writer thread (``prefetch > 0``), one call at a time; ``read`` on a reader thread, one at a time.
     Exceptions from ``read``, ``predict`` or ``emit`` stop all threads and are re-raised here.
     """
-    strips = [_Strip(r, cfg, num_classes) for r in rasters]
+    accs = [_Accumulator(r, cfg, num_classes) for r in rasters]
 
     def tile_stream() -> Iterator[tuple[int, int, int, np.ndarray]]:
-        for k, strip in enumerate(strips):
-            for i, j, win in strip.tiles():
-                x = np.asarray(strip.raster.read(win), dtype=np.float32)
+        for k, acc in enumerate(accs):
+            for i, j, win in acc.tiles():
+                x = np.asarray(acc.raster.read(win), dtype=np.float32)
                 if x.shape[:2] != (win.height, win.width):
                     raise ValueError(
                         f"read({win}) returned shape {x.shape}, expected ({win.height}, {win.width}, C)"
@@ -300,10 +311,10 @@ def predict_tiled_many(
 
     def consume(keys: list[tuple[int, int, int]], y: np.ndarray) -> None:
         for (k, i, j), probs in zip(keys, y, strict=True):
-            strip = strips[k]
-            strip.add(i, j, probs)
-            if i == len(strip.rows) - 1 and j == len(strip.cols) - 1:
-                strip.release()
+            acc = accs[k]
+            acc.add(i, j, probs)
+            if i == len(acc.rows) - 1 and j == len(acc.cols) - 1:
+                acc.release()
 
     if cfg.prefetch == 0:
         for keys, x in batches(tile_stream()):
@@ -388,8 +399,8 @@ def predict_tiled(
     ``read(window) -> (h, w, C) float32`` normalised input (``h, w`` may be smaller than ``cfg.tile`` when
     the raster is; tiles are padded per ``cfg.pad_mode``); ``predict((N, tile, tile, C)) -> (N, tile,
     tile, K)``; ``emit(window, probs (h, w, K) float32)`` gets finished, non-overlapping blocks covering
-    the raster exactly once, top to bottom. Peak memory: ``tile x width x K`` float32 for the strip plus
-    ``2 * prefetch + 1`` batches of tiles, independent of ``height``. See :func:`predict_tiled_many`.
+    the raster exactly once, top to bottom. Peak memory: about ``2 x overlap x width x K`` float32 of
+    pending sums plus ``2 * prefetch + 1`` batches of tiles, independent of ``height``. See :func:`predict_tiled_many`.
     """
     predict_tiled_many([TiledRaster(read, height, width, emit)], predict, num_classes, cfg)
 

@@ -331,7 +331,7 @@ def _make_callbacks(cfg: TrainConfig, out: Path, state: dict):
     return [
         keras.callbacks.LearningRateScheduler(_cosine_lr(cfg)),
         keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
-        keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), profile_batch=0),
+        keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), profile_batch=0, write_graph=False),
         _Checkpoint(),
         keras.callbacks.EarlyStopping(monitor="val_mean_iou", mode="max", patience=cfg.patience),
         _Log(),

@@ -457,6 +457,28 @@ def test_single_slice_seg_and_all_empty(tmp_path):
     assert fmt.finalize_group([it], files, tmp_path, ["background"], [(0, 0, 0)]) == []
 
 
+@pytest.mark.parametrize("name", ["SC_rgb_small_odd.dcm", "dicomdirtests/77654033/CR1/6154", "MR_small.dcm"])
+def test_single_image_seg_readable(tmp_path, name):
+    fmt = DicomFormat()
+    (it,) = open_items(pyd_file(name))
+    m = np.zeros((it.info.height, it.info.width), np.uint8)
+    m[:2, :2] = 2
+    (art,) = fmt.finalize_group([it], write_masks(fmt, [it], [m], tmp_path), tmp_path, NAMES, COLORS)
+    seg = hd.seg.segread(art.path)
+    px = seg.get_pixels_by_source_instance(
+        [it.info.extra["seg_source_sop_instance_uid"]], combine_segments=True, ignore_spatial_locations=True
+    )
+    assert np.array_equal(px[0], m)
+
+
+def test_legacy_multiframe_seg_fails_cleanly(tmp_path):
+    fmt = DicomFormat()
+    items = open_items(pyd_file("rtdose.dcm"))
+    files = write_masks(fmt, items, [np.ones((10, 10), np.uint8)] * len(items), tmp_path)
+    with pytest.raises(AdapterError, match="rtdose.dcm: cannot write DICOM SEG for a legacy multi-frame"):
+        fmt.finalize_group(items, files, tmp_path, NAMES, COLORS)
+
+
 def test_seg_rejects_foreign_class_ids(tmp_path):
     fmt = DicomFormat()
     (it,) = open_items(pyd_file("CT_small.dcm"))

@@ -73,12 +73,25 @@ def test_reference_handle_offline_fails_fast_with_instructions(empty_cache):
     assert list(empty_cache.iterdir()) == []  # no half-written lock or temp folder left behind
 
 
-@pytest.mark.parametrize("handle", ["https://tileseg-test.invalid/models/x/1", "https://10.255.255.1/models/x/1"])
-def test_unreachable_hosts_do_not_hang(empty_cache, handle):
+def test_unresolvable_host_fails_fast(empty_cache):
     t0 = time.monotonic()
     with pytest.raises(ModelUnavailable, match="cannot be downloaded"):
-        load_hub(handle, connect_timeout=1.0)
+        load_hub("https://tileseg-test.invalid/models/x/1", connect_timeout=1.0)  # .invalid never resolves
     assert time.monotonic() - t0 < 5
+
+
+def test_hanging_network_is_cut_off_by_the_timeout(empty_cache, monkeypatch):
+    def hang(*a, **k):  # a resolver or firewall that never answers
+        time.sleep(3)
+        raise OSError("gave up")
+
+    for var in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("pipelines.hub.socket.create_connection", hang)
+    t0 = time.monotonic()
+    with pytest.raises(ModelUnavailable, match="no answer from www.kaggle.com:443 within 0.5 s"):
+        load_hub(REFERENCE, connect_timeout=0.5)
+    assert time.monotonic() - t0 < 2
 
 
 def test_bad_local_paths(tmp_path):

@@ -247,6 +247,40 @@ def test_peak_memory_independent_of_height():
         predict_tiled(read, height, 256, predict, 2, cfg, lambda w, p: None)
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
-    # The whole 4096 x 256 x 2 float32 result would be 8 MiB; the strip is 32 x 256 x 2 x 4 = 64 KiB.
+    # The whole 4096 x 256 x 2 float32 result would be 8 MiB; pending sums are ~2 x 8 x 256 x 2 x 4 bytes.
     assert peaks[1] < 1.3 * peaks[0] + 64 * 1024
     assert peaks[1] < 2 * 1024 * 1024
+
+
+def test_pending_sums_scale_with_overlap_not_tile_height():
+    # A tile-high full-width strip would be 128 x 8192 x 2 x 4 bytes = 8 MiB.
+    predict = _pointwise(np.ones((1, 2), np.float32))
+    cfg = TilingConfig(tile=128, overlap=4, batch_size=1, prefetch=0)
+    tile_src = np.ones((128, 128, 1), np.float32)
+    tracemalloc.start()
+    predict_tiled(lambda w: tile_src[: w.height, : w.width], 600, 8192, predict, 2, cfg, lambda w, p: None)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2.5 * 1024 * 1024
+
+
+def test_random_grids_cover_once_and_match_pointwise_model():
+    rng = np.random.default_rng(11)
+    for trial in range(60):
+        h, w = (int(v) for v in rng.integers(1, 90, 2))
+        tile = int(rng.integers(2, 24))
+        overlap = int(rng.integers(0, tile))
+        blend = ("gaussian", "cosine", "constant")[trial % 3]
+        cfg = TilingConfig(tile=tile, overlap=overlap, batch_size=int(rng.integers(1, 6)), blend=blend,
+                           prefetch=trial % 2)
+        image = rng.random((h, w, 2), dtype=np.float32)
+        predict = _pointwise(rng.normal(size=(2, 3)))
+        reads, blocks = _run_recording(image, predict, 3, cfg)
+        hits = np.zeros((h, w), int)
+        out = np.zeros((h, w, 3), np.float32)
+        for win, probs in blocks:
+            r, c, bh, bw = int(win.row_off), int(win.col_off), int(win.height), int(win.width)
+            hits[r : r + bh, c : c + bw] += 1
+            out[r : r + bh, c : c + bw] = probs
+        assert (hits == 1).all(), (h, w, cfg)
+        np.testing.assert_allclose(out, predict(image[None])[0], rtol=1e-4, atol=1e-6, err_msg=str(cfg))

@@ -1,0 +1,150 @@
+"""``tileseg eval``: JSON report on a small oxford_pets-like folder, checked against pipelines.metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from click.testing import CliRunner  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from core.cli_train import eval_command  # noqa: E402
+from pipelines.evaluate import evaluate_folder, export_model, flip_tta  # noqa: E402
+from pipelines.metrics import confusion_matrix, scores  # noqa: E402
+from pipelines.registry import clear_cache, get_spec  # noqa: E402
+from pipelines.train import is_validation  # noqa: E402
+from pipelines.unet import build_unet  # noqa: E402
+from tests.test_train import make_pets_folder, pick_names  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "pipelines" / "models" / "unet-pets"
+
+
+@pytest.fixture(scope="module")
+def pets5(tmp_path_factory) -> tuple[Path, list[str]]:
+    names = pick_names(2, 3)
+    root = make_pets_folder(tmp_path_factory.mktemp("pets5"), names, extra_listed=("missing_cat_1",))
+    return root, names
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> tuple[Path, object]:
+    """A small real U-Net (random weights, BN in inference mode) exported as a registry folder."""
+    tmp = tmp_path_factory.mktemp("model")
+    tf.keras.utils.set_random_seed(4)
+    model = build_unet(input_size=32, base_filters=4, depth=2)
+    model.save(tmp / "ckpt.keras")
+    spec = export_model(tmp / "ckpt.keras", tmp / "tiny-pets", name="tiny-pets", input_size=32)
+    assert spec.class_names == ["pet", "background", "outline"]
+    clear_cache()
+    return tmp / "tiny-pets", model
+
+
+def _run_eval(*args: str) -> dict:
+    res = CliRunner().invoke(eval_command, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def _reference_scores(model, root: Path, names: list[str]) -> dict:
+    """Predictions computed independently with tf.image.resize, scored by pipelines.metrics."""
+    cm = np.zeros((3, 3), np.int64)
+    for n in names:
+        rgb = np.asarray(Image.open(root / "images" / f"{n}.jpg").convert("RGB"), np.float32) / 255.0
+        truth = np.asarray(Image.open(root / "trimaps" / f"{n}.png")).astype(np.int64) - 1
+        x = tf.image.resize(rgb[None], (32, 32), method="bilinear")
+        p = tf.image.resize(model(x, training=False), truth.shape, method="bilinear")
+        cm += confusion_matrix(truth, np.argmax(p.numpy()[0], -1), 3)
+    return {"cm": cm, **scores(cm)}
+
+
+def test_eval_json_matches_metrics_module(pets5, tiny_model):
+    root, names = pets5
+    folder, model = tiny_model
+    report = _run_eval("--model", str(folder), "--data", str(root))
+    assert {"pixel_accuracy", "mean_iou", "per_class", "images", "skipped", "pixels", "mode"} <= set(report)
+    assert list(report["per_class"]) == ["pet", "background", "outline"]
+    assert all(set(v) >= {"dice", "iou"} for v in report["per_class"].values())
+    assert report["images"] == 5 and report["skipped"] == 1 and report["mode"] == "resize"
+    # Every pixel of every trimap, at the trimap's own resolution.
+    sizes = [Image.open(root / "trimaps" / f"{n}.png").size for n in names]
+    assert report["pixels"] == sum(w * h for w, h in sizes)
+
+    ref = _reference_scores(model, root, names)
+    # Same sampling as tf.image.resize; only float rounding at argmax ties may differ.
+    assert np.abs(np.array(report["confusion"]) - ref["cm"]).sum() <= report["pixels"] * 1e-4
+    assert report["pixel_accuracy"] == pytest.approx(ref["pixel_accuracy"], abs=1e-4)
+    assert report["mean_iou"] == pytest.approx(ref["mean_iou"], abs=1e-3)
+    for name, ref_c in zip(report["per_class"], ref["per_class"], strict=True):
+        for key in ("dice", "iou"):
+            assert report["per_class"][name][key] == pytest.approx(ref_c[key], abs=1e-3)
+
+
+def test_split_val_selects_held_out_names(pets5, tiny_model):
+    root, names = pets5
+    folder, _ = tiny_model
+    report = _run_eval("--model", str(folder), "--data", str(root), "--split", "val")
+    expected = [n for n in names if is_validation(n, 0.15)]
+    assert len(expected) == 3
+    assert report["images"] == 3 and report["split"] == "val"
+    sizes = [Image.open(root / "trimaps" / f"{n}.png").size for n in expected]
+    assert report["pixels"] == sum(w * h for w, h in sizes)
+
+
+def test_tile_mode_and_table_output(pets5, tiny_model):
+    root, _ = pets5
+    folder, _ = tiny_model
+    tiled = evaluate_folder(str(folder), root, mode="tile")
+    assert tiled["mode"] == "tile" and 0.0 <= tiled["pixel_accuracy"] <= 1.0
+    res = CliRunner().invoke(eval_command, ["--model", str(folder), "--data", str(root)])
+    assert res.exit_code == 0
+    assert "mean IoU" in res.stdout and "outline" in res.stdout
+    assert "skipped 1" in res.stderr
+
+
+def test_eval_accepts_bare_keras_file(pets5, tiny_model):
+    root, _ = pets5
+    folder, _ = tiny_model
+    by_folder = evaluate_folder(str(folder), root)
+    by_file = evaluate_folder(str(folder / "model.keras"), root)
+    assert by_file["confusion"] == by_folder["confusion"]
+
+
+def test_flip_tta_is_symmetric(tiny_model):
+    _, model = tiny_model
+
+    def predict(x):
+        return np.asarray(model(x, training=False))
+
+    x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+    a = flip_tta(predict)(x)
+    b = flip_tta(predict)(x[:, :, ::-1])[:, :, ::-1]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-5)
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, tiny_model):
+    folder, _ = tiny_model
+    res = CliRunner().invoke(eval_command, ["--model", "no-such-model", "--data", str(tmp_path)])
+    assert res.exit_code != 0 and "no-such-model" in res.output
+    res = CliRunner().invoke(eval_command, ["--model", str(folder), "--data", str(tmp_path)])
+    assert res.exit_code != 0 and "annotations" in res.output
+
+
+@pytest.mark.skipif(not (SHIPPED / "spec.json").is_file(), reason="shipped model not present")
+def test_shipped_model_spec_and_load():
+    import keras
+
+    spec = get_spec("unet-pets")
+    assert spec.kind == "semantic" and spec.class_names == ["pet", "background", "outline"]
+    assert spec.background_class == 1 and "photo" in spec.default_for
+    weights = Path(spec.resolve_source())
+    assert weights.stat().st_size <= 20 * 1024 * 1024
+    model = keras.saving.load_model(weights, compile=False)
+    y = np.asarray(model(np.zeros((1, spec.input_size, spec.input_size, 3), np.float32)))
+    assert y.shape == (1, spec.input_size, spec.input_size, 3)
