@@ -581,6 +581,12 @@ def _scan_folder(root: Path) -> list[Path]:
     return files
 
 
+def looks_dicom(path: Path) -> bool:
+    """True for files a series folder source takes (``.dcm`` or the DICM preamble); others in the folder
+    are left to the other adapters."""
+    return _looks_dicom(path)
+
+
 def _looks_dicom(path: Path) -> bool:
     if path.suffix.lower() == ".dcm":
         return True

@@ -9,28 +9,26 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi import FastAPI, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from api import schemas
+from api.auth import CurrentPrincipal
 from core import jobs
 from core.db import session_scope
 from core.models import Item
 from core.settings import get_settings
 from core.store import ArtifactStore
+from core.tokens import Principal
 
 app = FastAPI(title="tileseg", version="0.1.0",
               description="Batch segmentation service: submit jobs, follow them, fetch masks and metrics.")
 
 
-def current_owner(request: Request) -> str | None:
-    """The caller's identity; None means anonymous (no access control configured)."""
-    return None
-
-
-Owner = Annotated[str | None, Depends(current_owner)]
+#: The caller (see api.auth); ``.scope`` is the owner filter for queries, None for admins.
+Owner = CurrentPrincipal
 
 
 @app.exception_handler(RequestValidationError)
@@ -46,8 +44,8 @@ def jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _job_or_404(session: Any, job_id: uuid.UUID, owner: str | None) -> Any:
-    job = jobs.get_job(session, job_id, owner)
+def _job_or_404(session: Any, job_id: uuid.UUID, owner: Principal) -> Any:
+    job = jobs.get_job(session, job_id, owner.scope)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
     return job
@@ -164,7 +162,7 @@ async def submit(request: Request, owner: Owner) -> JSONResponse:
                 inputs.append(jobs.InputSpec(path=path, truth=truth))
         if len(inputs) > s.max_inputs_per_job:
             raise HTTPException(413, f"{len(inputs)} inputs exceed the limit of {s.max_inputs_per_job} per job")
-        job_id = submit_job(inputs, body.pipeline, body.options.model_dump(exclude_none=True), owner)
+        job_id = submit_job(inputs, body.pipeline, body.options.model_dump(exclude_none=True), owner.owner)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
     except json.JSONDecodeError as exc:
@@ -189,7 +187,8 @@ def list_jobs(owner: Owner, status_: Annotated[str | None, Query(alias="status")
     if status_ is not None and status_ not in JobStatus.__members__:
         raise HTTPException(422, f"status: must be one of {', '.join(JobStatus.__members__)}")
     with session_scope() as session:
-        rows, total = jobs.list_jobs(session, owner=owner, status=status_, since=since, limit=limit, offset=offset)
+        rows, total = jobs.list_jobs(session, owner=owner.scope, status=status_, since=since, limit=limit,
+                                     offset=offset)
         return schemas.JobList(total=total, limit=limit, offset=offset, jobs=[schemas.JobOut.of(j) for j in rows])
 
 

@@ -72,6 +72,60 @@ def _redact(url: str) -> str:
         return url
 
 
+# Tokens ---------------------------------------------------------------------------------------------------
+@main.group()
+def token() -> None:
+    """API tokens (stored hashed; the value is shown once, at creation)."""
+
+
+@token.command("create")
+@click.argument("owner")
+@click.option("--name", default="default", help="a label for the token")
+@click.option("--admin", is_flag=True, help="may see every owner's jobs")
+@click.option("--json", "as_json", is_flag=True)
+def token_create(owner: str, name: str, admin: bool, as_json: bool) -> None:
+    """Create a token for OWNER and print it."""
+    from core.db import session_scope
+    from core.tokens import create_token
+
+    ensure_schema()
+    with session_scope() as session:
+        row, plain = create_token(session, owner, name, admin)
+        tid = row.id
+    if as_json:
+        _echo_json({"id": str(tid), "owner": owner, "name": name, "admin": admin, "token": plain})
+    else:
+        click.echo(plain)
+        click.echo(f"token id {tid} for {owner}{' (admin)' if admin else ''}; keep the value, it is not stored",
+                   err=True)
+
+
+@token.command("revoke")
+@click.argument("token_id")
+def token_revoke(token_id: str) -> None:
+    """Revoke a token by its ID (see `tileseg token list`)."""
+    from core.db import session_scope
+    from core.tokens import revoke_token
+
+    with session_scope() as session:
+        if not revoke_token(session, _job_id(token_id)):
+            raise click.ClickException(f"no active token {token_id}")
+    click.echo(f"revoked {token_id}")
+
+
+@token.command("list")
+def token_list() -> None:
+    """List tokens (IDs, owners, state; never the values)."""
+    from core.db import session_scope
+    from core.tokens import list_tokens
+
+    ensure_schema()
+    with session_scope() as session:
+        for t in list_tokens(session):
+            state = f"revoked {t.revoked_at:%Y-%m-%d}" if t.revoked_at else "active"
+            click.echo(f"{t.id}  {t.owner:<16} {t.name:<16} {'admin' if t.is_admin else 'user ':<5}  {state}")
+
+
 # Models ---------------------------------------------------------------------------------------------------
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")

@@ -118,7 +118,16 @@ def _walk(path: str) -> Iterable[str]:
     except Exception:  # noqa: BLE001 - any folder nobody claims is walked instead
         fmt = None
     if fmt is not None:
-        yield path  # a DICOM series folder is one source
+        # A DICOM series folder is one source; any other files in it still go to their own adapters.
+        from adapters.dicom import looks_dicom
+
+        yield path
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames.sort()
+            for name in sorted(filenames):
+                p = os.path.join(dirpath, name)
+                if not (name.startswith(".") or name in _SKIP_NAMES or looks_dicom(Path(p))):
+                    yield p
         return
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames.sort()

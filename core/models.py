@@ -25,7 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["Base", "ClassMetric", "InstanceRow", "Item", "ItemStatus", "Job", "JobStatus", "utcnow"]
+__all__ = ["ApiToken", "Base", "ClassMetric", "InstanceRow", "Item", "ItemStatus", "Job", "JobStatus", "Schedule",
+           "ScheduleFile", "ScheduleRun", "utcnow"]
 
 
 def utcnow() -> datetime:
@@ -154,3 +155,75 @@ class InstanceRow(Base):
     area_px: Mapped[int] = mapped_column(BigInteger)
     area: Mapped[float | None] = mapped_column(Float)
     area_unit: Mapped[str | None] = mapped_column(String(8))
+
+
+class ApiToken(Base):
+    """An API token. Only its SHA-256 is stored (tokens are 256-bit random, so a fast hash is enough)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(128))
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    is_admin: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Schedule(Base):
+    """A recurring job over a watched location (folder or glob under the input roots)."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (Index("ix_schedules_owner_name", "owner", "name", unique=True),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(128))
+    owner: Mapped[str | None] = mapped_column(String(128), index=True)
+    #: Five-field crontab expression, evaluated in ``timezone``.
+    cron: Mapped[str] = mapped_column(String(128))
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    location: Mapped[str] = mapped_column(Text)
+    pipeline: Mapped[str] = mapped_column(String(64), default="auto")
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    enabled: Mapped[bool] = mapped_column(default=True)
+    #: A folder (DICOM series) counts as complete once no file in it changed for this many seconds.
+    settle_seconds: Mapped[int] = mapped_column(Integer, default=300)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: The scheduled time of the last run that was carried out (runs are keyed by their scheduled time).
+    last_run_for: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_success_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ScheduleRun(Base):
+    """One firing of a schedule; unique per scheduled time, so a run is never carried out twice."""
+
+    __tablename__ = "schedule_runs"
+    __table_args__ = (Index("ix_schedule_runs_unique", "schedule_id", "scheduled_for", unique=True),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    schedule_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("schedules.id", ondelete="CASCADE"), index=True)
+    scheduled_for: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: submitted | nothing_new | failed
+    outcome: Mapped[str] = mapped_column(String(16))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    new_files: Mapped[int] = mapped_column(Integer, default=0)
+    message: Mapped[str | None] = mapped_column(Text)
+
+
+class ScheduleFile(Base):
+    """What a schedule has seen of one input (path, size, mtime, content hash) and which job took it."""
+
+    __tablename__ = "schedule_files"
+    __table_args__ = (Index("ix_schedule_files_unique", "schedule_id", "path", unique=True),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    schedule_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("schedules.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime: Mapped[float] = mapped_column(Float)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

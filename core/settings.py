@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     task_max_retries: int = 5
     #: Seconds a delivered-but-unacknowledged task waits before redelivery (Redis visibility timeout).
     visibility_timeout: int = 6 * 3600
+    #: Require API tokens on every endpoint but /health. Switch off only for single-user local setups.
+    auth: bool = True
     #: API bind address.
     api_host: str = "127.0.0.1"
     api_port: int = 8000

@@ -474,8 +474,8 @@ def to_uint8_rgb(
     :func:`stretch_bounds`; the window's own 2-98 % percentiles when None) to 0-255. NaNs become 0.
     """
     rgb = _pick_bands(np.asarray(pixels), bands)
-    if rgb.dtype == np.uint8:
-        return np.ascontiguousarray(np.moveaxis(rgb, 0, -1))
+    if rgb.dtype == np.uint8:  # always a copy: callers blank nodata in place
+        return np.array(np.moveaxis(rgb, 0, -1), order="C", copy=True)
     x = rgb.astype(np.float64)
     if bounds is None:
         finite = np.where(np.isfinite(x), x, np.nan)
@@ -700,7 +700,7 @@ def detect_item(
         windows = [Window(0, 0, width, height)]
     else:
         windows = tile_windows(height, width, tile, min(overlap, tile - 1))
-    bounds = None if np.dtype(item.info.dtype) == np.uint8 else stretch_bounds(item, bands=bands)
+    bounds = None if item.info.dtype == "uint8" else stretch_bounds(item, bands=bands)
 
     pieces: list[_Piece] = []
     for t, win in enumerate(windows):

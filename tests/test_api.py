@@ -15,12 +15,16 @@ def client(tiny_models: Path) -> TestClient:
 
     upgrade()
     from api.app import app
+    from core.db import session_scope
+    from core.tokens import create_token
 
-    return TestClient(app)
+    with session_scope() as s:
+        _, token = create_token(s, "alice")
+    return TestClient(app, headers={"Authorization": f"Bearer {token}"})
 
 
 def test_health_ok(client: TestClient) -> None:
-    r = client.get("/health")
+    r = TestClient(client.app).get("/health")  # no token needed
     assert r.status_code == 200, r.text
     assert r.json() == {"status": "ok", "database": "ok", "broker": "ok"}
 
@@ -113,3 +117,34 @@ def test_models_and_openapi(client: TestClient) -> None:
     assert {"tiny-photo", "tiny-geo", "tiny-ct"} <= names
     spec = client.get("/openapi.json").json()
     assert "/jobs/{job_id}/items/{item_id}/artifacts/{kind}" in spec["paths"]
+
+
+def test_access_control(client: TestClient, photo_dir: Path) -> None:
+    """401 without or with a bad token on every route but /health; others' jobs are 404; admins see all."""
+    from core.db import session_scope
+    from core.tokens import create_token, revoke_token
+
+    job_id = client.post("/jobs", json={"inputs": [str(photo_dir)]}).json()["id"]
+    item = uuid.uuid4()
+    routes = [("get", "/jobs"), ("post", "/jobs"), ("get", f"/jobs/{job_id}"), ("get", f"/jobs/{job_id}/items"),
+              ("get", f"/jobs/{job_id}/items/{item}"), ("get", f"/jobs/{job_id}/metrics"),
+              ("get", f"/jobs/{job_id}/items/{item}/artifacts/overlay"), ("post", f"/jobs/{job_id}/cancel"),
+              ("get", "/models")]
+    anon = TestClient(client.app)
+    for method, url in routes:
+        assert getattr(anon, method)(url).status_code == 401, url
+        r = getattr(anon, method)(url, headers={"Authorization": "Bearer tsk_wrong"})
+        assert r.status_code == 401, url
+    with session_scope() as s:
+        bob_row, bob = create_token(s, "bob")
+        _, admin = create_token(s, "root", admin=True)
+    as_bob = TestClient(client.app, headers={"Authorization": f"Bearer {bob}"})
+    for method, url in routes[2:-1]:
+        assert getattr(as_bob, method)(url).status_code == 404, url
+    assert as_bob.get("/jobs").json()["total"] == 0
+    as_admin = TestClient(client.app, headers={"Authorization": f"Bearer {admin}"})
+    assert as_admin.get(f"/jobs/{job_id}").json()["owner"] == "alice"
+    assert as_admin.get("/jobs").json()["total"] == 1
+    with session_scope() as s:
+        assert revoke_token(s, bob_row.id)
+    assert as_bob.get("/jobs").status_code == 401

@@ -16,10 +16,10 @@ from tests.conftest import REPO, free_port, start_process, stop_process, wait_ht
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 
-def _wait_job(base: str, job_id: str, timeout: float = 300) -> dict:
+def _wait_job(base: str, job_id: str, auth: dict, timeout: float = 300) -> dict:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        job = httpx.get(f"{base}/jobs/{job_id}", timeout=10).json()
+        job = httpx.get(f"{base}/jobs/{job_id}", headers=auth, timeout=10).json()
         if job["status"] in ("succeeded", "failed", "partial", "cancelled") and job["finished_at"]:
             return job
         time.sleep(0.5)
@@ -42,6 +42,13 @@ def test_job_through_api_with_two_workers(tiny_models: Path, photo_dir: Path, pg
     from core.db import upgrade
 
     upgrade(url=pg_url)  # the one-shot migrate step of the distributed stack
+    import json
+    import subprocess
+    import sys
+
+    made = subprocess.run([sys.executable, "-m", "core.cli", "token", "create", "alice", "--json"], env=env, cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    auth = {"Authorization": f"Bearer {json.loads(made.stdout)['token']}"}
     port = free_port()
     procs = [start_process(["api", "--port", str(port)], env, tmp_path / "api.log")]
     for n in range(2):
@@ -50,14 +57,14 @@ def test_job_through_api_with_two_workers(tiny_models: Path, photo_dir: Path, pg
     try:
         wait_http(f"{base}/health")
         assert httpx.get(f"{base}/health").json() == {"status": "ok", "database": "ok", "broker": "ok"}
-        r = httpx.post(f"{base}/jobs", json={"inputs": [str(photo_dir), str(inputs)]}, timeout=30)
+        r = httpx.post(f"{base}/jobs", json={"inputs": [str(photo_dir), str(inputs)]}, headers=auth, timeout=30)
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
-        job = _wait_job(base, job_id)
+        job = _wait_job(base, job_id, auth)
         assert job["status"] == "partial", job
         assert (job["items_total"], job["items_done"], job["items_failed"]) == (6, 6, 1)
 
-        items = httpx.get(f"{base}/jobs/{job_id}/items", params={"limit": 100}).json()["items"]
+        items = httpx.get(f"{base}/jobs/{job_id}/items", params={"limit": 100}, headers=auth).json()["items"]
         assert [i["seq"] for i in items] == list(range(6))
         failed = [i for i in items if i["status"] == "failed"]
         assert len(failed) == 1 and "fake.dcm" in failed[0]["error"]
@@ -66,12 +73,12 @@ def test_job_through_api_with_two_workers(tiny_models: Path, photo_dir: Path, pg
                 continue
             assert it["artifacts"], it
             for art in it["artifacts"]:
-                body = httpx.get(f"{base}{art['url']}", timeout=30)
+                body = httpx.get(f"{base}{art['url']}", headers=auth, timeout=30)
                 assert body.status_code == 200
                 assert hashlib.sha256(body.content).hexdigest() == art["sha256"]
-            detail = httpx.get(f"{base}/jobs/{job_id}/items/{it['id']}").json()
+            detail = httpx.get(f"{base}/jobs/{job_id}/items/{it['id']}", headers=auth).json()
             assert detail["metrics"] and sum(m["pixel_count"] for m in detail["metrics"]) > 0
-        metrics = httpx.get(f"{base}/jobs/{job_id}/metrics").json()
+        metrics = httpx.get(f"{base}/jobs/{job_id}/metrics", headers=auth).json()
         assert metrics["status"] == "partial" and metrics["classes"]
 
         # Items record which worker process did them (hostname:pid), for operators tracing a result.

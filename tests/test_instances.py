@@ -316,3 +316,17 @@ def test_coco_label_map():
     assert len(labels) == 80 and max(labels) == 90
     assert labels[1] == "person" and labels[18] == "dog" and labels[90] == "toothbrush"
     assert not {12, 26, 29, 30, 45, 66, 68, 69, 71, 83} & set(labels)
+
+
+def test_wrong_signature_and_bad_input_are_clear_errors():
+    from pipelines.instances import Detector, InstanceModelError
+
+    @tf.function
+    def not_a_detector(x):
+        return {"logits": tf.reduce_mean(tf.cast(x, tf.float32), axis=[1, 2])}
+
+    det = Detector(not_a_detector, "toy")
+    with pytest.raises(InstanceModelError, match="toy: outputs .*logits.* not an Object Detection API"):
+        det(np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
+        det(np.zeros((8, 8), np.float32))

@@ -1,0 +1,43 @@
+"""Access control: a bearer token (or the web UI's cookie) names the caller; every route except /health
+needs one. A token sees only its owner's jobs; an admin token sees all. Unknown and foreign IDs both
+answer 404, so job IDs cannot be probed."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from core.db import session_scope
+from core.settings import get_settings
+from core.tokens import Principal, verify_token
+
+__all__ = ["COOKIE", "CurrentPrincipal", "current_principal"]
+
+COOKIE = "tileseg_token"
+#: The identity used when access control is switched off (TILESEG_AUTH=false, single-user setups).
+ANONYMOUS = Principal(owner="local", admin=True)
+
+
+def presented_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return request.cookies.get(COOKIE)
+
+
+def current_principal(request: Request) -> Principal:
+    if not get_settings().auth:
+        return ANONYMOUS
+    token = presented_token(request)
+    if not token:
+        raise HTTPException(401, "missing API token (Authorization: Bearer <token>; create one with "
+                                 "`tileseg token create`)", headers={"WWW-Authenticate": "Bearer"})
+    with session_scope() as session:
+        principal = verify_token(session, token)
+    if principal is None:
+        raise HTTPException(401, "invalid or revoked API token", headers={"WWW-Authenticate": "Bearer"})
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
