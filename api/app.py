@@ -51,6 +51,16 @@ def _job_or_404(session: Any, job_id: uuid.UUID, owner: Principal) -> Any:
     return job
 
 
+def _include_optional_routers() -> None:
+    """Routers of features that live in their own modules (schedules, the web pages)."""
+    import importlib
+    import importlib.util
+
+    for name in ("api.routes_schedules", "api.web"):
+        if importlib.util.find_spec(name) is not None:
+            app.include_router(importlib.import_module(name).router)
+
+
 # Health ---------------------------------------------------------------------------------------------------
 @app.get("/health", response_model=schemas.Health, tags=["service"])
 def health() -> JSONResponse:
@@ -268,3 +278,6 @@ def download(job_id: uuid.UUID, item_id: uuid.UUID, kind: str, owner: Owner) -> 
     fh = store.open(art["uri"])
     return StreamingResponse(iter(lambda: fh.read(1 << 20), b""), media_type=art["media_type"],
                              headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+_include_optional_routers()

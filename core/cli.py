@@ -419,13 +419,18 @@ def api(host: str | None, port: int | None) -> None:
 
 
 def _register_optional() -> None:
-    """Commands whose modules are optional in a slim install (training needs extra data and time)."""
-    try:
-        from core.cli_train import eval_command, train
-    except ImportError:
-        return
-    main.add_command(train)
-    main.add_command(eval_command, "eval")
+    """Commands that live in their own modules: training/evaluation, schedules and beat."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("core.cli_train") is not None:
+        mod = importlib.import_module("core.cli_train")
+        main.add_command(mod.train)
+        main.add_command(mod.eval_command, "eval")
+    if importlib.util.find_spec("core.cli_schedules") is not None:
+        mod = importlib.import_module("core.cli_schedules")
+        for cmd in mod.COMMANDS:
+            main.add_command(cmd)
 
 
 _register_optional()

@@ -8,12 +8,17 @@ imported inside tasks, i.e. in the forked child, never in the parent.
 
 from __future__ import annotations
 
+import importlib.util
+
 from celery import Celery
 from celery.signals import worker_process_init
 
 from core.settings import get_settings
 
 app = Celery("tileseg", include=["worker.tasks"])
+if importlib.util.find_spec("worker.beat") is not None:
+    # Scheduled processing (beat) tasks live in their own module.
+    app.conf.include = [*app.conf.include, "worker.beat"]
 
 
 def configure(app: Celery = app) -> Celery:
