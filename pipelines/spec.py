@@ -107,6 +107,20 @@ class ModelSpec(BaseModel):
     def colors(self) -> list[tuple[int, int, int]]:
         return [c.color for c in self.classes]
 
+    def names_by_id(self) -> list[str]:
+        """Class names indexed by class id (ids may be sparse, e.g. COCO's 1..90)."""
+        out = [f"class_{i}" for i in range(max(c.id for c in self.classes) + 1)]
+        for c in self.classes:
+            out[c.id] = c.name
+        return out
+
+    def colors_by_id(self) -> list[tuple[int, int, int]]:
+        """Overlay colours indexed by class id."""
+        out = [(128, 128, 128)] * (max(c.id for c in self.classes) + 1)
+        for c in self.classes:
+            out[c.id] = c.color
+        return out
+
     def resolve_source(self) -> str:
         """Absolute location of the weights (relative sources are next to the spec file)."""
         if self.source_format == "hub" and "://" in self.source:

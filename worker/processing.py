@@ -269,7 +269,7 @@ def _run_one(job_id: uuid.UUID, t: tuple, model: Any, options: dict[str, Any]) -
                 from pipelines.semantic import segment_item
 
                 gt = _read_truth(truth, options) if truth else None
-                sink = fmt.semantic_sink(item, out_dir, model.spec.class_names, model.spec.colors)
+                sink = fmt.semantic_sink(item, out_dir, model.spec.names_by_id(), model.spec.colors_by_id())
                 result = segment_item(item, model, sink, ground_truth=gt)
                 artifacts = _upload(job_id, item_id, sink.close())
                 return _record_success(job_id, item_id, artifacts, _semantic_rows(job_id, item_id, result), [], meta)
@@ -279,7 +279,7 @@ def _run_one(job_id: uuid.UUID, t: tuple, model: Any, options: dict[str, Any]) -
             found = detect_item(item, model, tile=spec.input_size, overlap=spec.overlap,
                                 score_threshold=float(options.get("score_threshold", spec.score_threshold)),
                                 max_detections=int(options.get("max_detections", spec.max_detections)))
-            arts = fmt.write_instances(item, found, out_dir, spec.class_names, spec.colors)
+            arts = fmt.write_instances(item, found, out_dir, spec.names_by_id(), spec.colors_by_id())
             artifacts = _upload(job_id, item_id, arts)
             names = {c.id: c.name for c in spec.classes}
             px_area, unit = item.info.pixel_area, item.info.area_unit
@@ -288,12 +288,12 @@ def _run_one(job_id: uuid.UUID, t: tuple, model: Any, options: dict[str, Any]) -
                                      box=list(i.box), rle=i.rle, area_px=int(i.area),
                                      area=(i.area * px_area if px_area else None), area_unit=unit)
                          for i in found]
-            figs = instance_figures(found, spec.class_names, px_area, unit)
+            figs = instance_figures(found, names, px_area, unit)
             metric_rows = [ClassMetric(job_id=job_id, item_id=item_id, class_id=f["class_id"],
-                                       class_name=f["name"], pixel_count=int(f["area_px"]), fraction=None,
+                                       class_name=f["class_name"], pixel_count=int(f["area_px"]), fraction=None,
                                        area=f.get("area"), area_unit=f.get("area_unit"),
-                                       instance_count=int(f["count"]), mean_score=f.get("mean_score"),
-                                       sums={"score_sum": (f.get("mean_score") or 0) * f["count"]})
+                                       instance_count=int(f["instance_count"]), mean_score=f.get("mean_score"),
+                                       sums={"score_sum": (f.get("mean_score") or 0) * f["instance_count"]})
                            for f in figs]
             return _record_success(job_id, item_id, artifacts, metric_rows, inst_rows, meta)
     except TransientError:
@@ -317,7 +317,7 @@ def _run_semantic_batch(job_id: uuid.UUID, batch: Sequence[tuple], model: Any, o
                 fmt, item = stack.enter_context(_Opened(source, key, fmt_name))
                 out_dir = Path(tmp) / str(item_id)
                 out_dir.mkdir()
-                sink = fmt.semantic_sink(item, out_dir, model.spec.class_names, model.spec.colors)
+                sink = fmt.semantic_sink(item, out_dir, model.spec.names_by_id(), model.spec.colors_by_id())
                 gt = _read_truth(truth, options) if truth else None
             except TransientError:
                 raise
@@ -423,7 +423,7 @@ def _finalize_groups(session: Any, job_id: uuid.UUID) -> None:
                     mask_files.append(dest)
                 out_dir = Path(tmp) / "out"
                 out_dir.mkdir()
-                arts = fmt.finalize_group(opened, mask_files, out_dir, spec.class_names, spec.colors)
+                arts = fmt.finalize_group(opened, mask_files, out_dir, spec.names_by_id(), spec.colors_by_id())
                 stored = _upload(job_id, members[0].id, arts)
             first = members[0]
             first.artifacts = {**first.artifacts, **stored}
