@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 
 from core.settings import get_settings
 
@@ -41,9 +41,12 @@ def configure(app: Celery = app) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         # kombu's SQLAlchemy transport passes its options to create_engine, so only Redis gets these.
-        # kombu's SQLAlchemy transport passes its options to create_engine, so only Redis gets these.
         broker_transport_options={} if s.embedded_queue else {
             "visibility_timeout": s.visibility_timeout,
+            # kombu scans for expired unacked messages only every interval * throttle seconds (100 s by
+            # default); tie it to the visibility timeout so a dead worker's task comes back promptly.
+            "unacked_restore_interval": max(1, min(10, s.visibility_timeout // 2)),
+            "unacked_restore_throttle": 1,
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
             "health_check_interval": 10,
@@ -65,7 +68,19 @@ configure()
 
 @worker_process_init.connect
 def _after_fork(**_: object) -> None:
-    # Connections inherited from the parent must not be shared with the child.
-    from core.db import reset_engine
+    # Connections inherited from the parent must not be shared with the child. Drop them without closing:
+    # closing would send a terminate message on sockets the parent (recovery sweeper) still uses.
+    from core import db
 
-    reset_engine()
+    if db.engine.cache_info().currsize:
+        db.engine().dispose(close=False)
+    db.reset_engine()
+
+
+@worker_ready.connect
+def _start_recovery(**_: object) -> None:
+    # In the worker's main process: re-enqueue jobs whose messages the broker lost (see worker.recovery).
+    from worker.recovery import start_sweeper
+
+    vt = get_settings().visibility_timeout
+    start_sweeper(interval=max(1.0, min(60.0, vt / 2)), stall_after=float(vt))

@@ -24,7 +24,7 @@ from adapters.base import Format
 from adapters.base import Item as AdapterItem
 from core import jobs
 from core.db import session_scope
-from core.models import ClassMetric, InstanceRow, Item, ItemStatus, Job, JobStatus, utcnow
+from core.models import TERMINAL_ITEM, ClassMetric, InstanceRow, Item, ItemStatus, Job, JobStatus, utcnow
 from core.settings import get_settings
 from core.store import ArtifactStore, fetch_input
 
@@ -238,6 +238,11 @@ def _record_success(job_id: uuid.UUID, item_id: uuid.UUID, artifacts: dict[str, 
                     instance_rows: list, meta: dict[str, Any]) -> bool:
     meta = {**meta, "processed_by": f"{socket.gethostname()}:{os.getpid()}"}
     with session_scope() as session:
+        # Two deliveries of one task can race here (a task redelivered while its first worker still runs):
+        # lock the item row so the second waits, then sees the item finished and leaves its rows alone.
+        status = session.scalar(select(Item.status).where(Item.id == item_id).with_for_update())
+        if status is None or ItemStatus(status) in TERMINAL_ITEM:
+            return False
         # Idempotent: a re-run replaces this item's rows instead of adding duplicates.
         session.execute(delete(ClassMetric).where(ClassMetric.item_id == item_id))
         session.execute(delete(InstanceRow).where(InstanceRow.item_id == item_id))
