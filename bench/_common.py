@@ -164,6 +164,17 @@ def run_tiled_geotiff(src_path: Path, dst_path: Path, predict, num_classes: int,
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    """``(wall seconds, fn())``."""
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
+
+
+def timed_cpu(fn: Callable[[], object]) -> tuple[float, float, object]:
+    """``(wall seconds, CPU seconds of this process, all threads, fn())``.
+
+    CPU time is far less sensitive than wall time to other load on a shared machine.
+    """
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - t0, time.process_time() - c0, out

@@ -20,7 +20,7 @@ from pipelines.metrics import ClassAccumulator, scores
 from pipelines.normalize import BandStats, band_stats, normalize
 from pipelines.registry import LoadedModel
 from pipelines.spec import ModelSpec
-from pipelines.tiling import TiledRaster, TilingConfig, predict_tiled_many
+from pipelines.tiling import TiledRaster, TilingConfig, predict_tiled_many, window_grid
 
 __all__ = [
     "NODATA_CLASS",
@@ -151,24 +151,41 @@ class _ItemRun:
         self.acc = ClassAccumulator(_num_classes(spec))
         self.done_pixels = 0
         self.total = item.info.height * item.info.width
+        self.read_whole = read_whole
         self.whole: np.ndarray | None = None
         self.whole_valid: np.ndarray | None = None
-        if read_whole:
-            self.whole = _read_bands(item, None, self.idx)
-            if self.whole.shape[1:] != (item.info.height, item.info.width):
-                raise AdapterError(
-                    f"{_label(item)}: read returned {self.whole.shape[1:]} pixels, info says "
-                    f"({item.info.height}, {item.info.width})"
-                )
-            self.whole_valid = item.valid_mask(None)
-        self.stats = _stats_for(item, spec, self.idx, self.whole, self.whole_valid)
+        self.stats: BandStats | None = None
+        self.loaded = False
+        self.tiles_left = len(window_grid(item.info.height, item.info.width, spec.input_size, spec.overlap))
         # Valid masks of tiles read but not yet emitted, keyed by tile origin: the tiling engine
         # guarantees each block starts at the origin of a tile window that was read and lies inside
         # it, so the writer thread never touches the item (adapters are not thread-safe).
         self._masks: dict[tuple[int, int], np.ndarray | None] = {}
         self._lock = threading.Lock()
 
+    def load(self) -> None:
+        """Read the pixels (whole items) and the percentile stats; done lazily so that a batch of many
+        items only ever holds the ones being predicted."""
+        item = self.item
+        if self.read_whole:
+            self.whole = _read_bands(item, None, self.idx)
+            if self.whole.shape[1:] != (item.info.height, item.info.width):
+                raise AdapterError(
+                    f"{_label(item)}: read returned {self.whole.shape[1:]} pixels, info says "
+                    f"({item.info.height}, {item.info.width})"
+                )
+            valid = item.valid_mask(None)
+            self.whole_valid = None if valid is None else np.asarray(valid, bool)
+        self.stats = _stats_for(item, self.spec, self.idx, self.whole, self.whole_valid)
+        self.loaded = True
+
+    def unload(self) -> None:
+        self.whole = self.whole_valid = None
+
     def read_tile(self, win: Window) -> np.ndarray:
+        """Tiling ``read`` callback (reader thread): ``(h, w, C)`` float32 model input of ``win``."""
+        if not self.loaded:
+            self.load()
         r, c, h, w = int(win.row_off), int(win.col_off), int(win.height), int(win.width)
         if self.whole is not None:
             raw = self.whole[:, r : r + h, c : c + w]
@@ -182,6 +199,9 @@ class _ItemRun:
             x[~valid] = 0.0  # nodata fill values must not steer the neighbours' predictions
         with self._lock:
             self._masks[(r, c)] = valid
+        self.tiles_left -= 1
+        if self.tiles_left == 0:
+            self.unload()  # the masks of pending blocks stay referenced in _masks
         return x
 
     def emit_probs(self, win: Window, probs: np.ndarray) -> None:
@@ -272,6 +292,7 @@ def _run_resize(runs: Sequence[_ItemRun], model: LoadedModel) -> None:
         chunk = runs[start : start + spec.batch_size]
         inputs = []
         for run in chunk:
+            run.load()
             assert run.whole is not None
             x = normalize(run.whole, spec.normalization, run.stats)
             if run.whole_valid is not None:
@@ -289,6 +310,7 @@ def _run_resize(runs: Sequence[_ItemRun], model: LoadedModel) -> None:
                 block = np.tensordot(my[r0:r1], tmp, axes=(1, 0))
                 valid = None if run.whole_valid is None else run.whole_valid[r0:r1]
                 run.write(Window(0, r0, w, r1 - r0), block, valid)
+            run.unload()
 
 
 def _prepare(item: Item, spec: ModelSpec, sink: MaskSink, truth: np.ndarray | None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -212,9 +214,19 @@ def test_resize_mode_batches_items_into_one_call_per_batch():
     items = [ArrayItem(rng.integers(0, 256, (3, h, w)).astype(np.uint8), key=f"f{i}")
              for i, (h, w) in enumerate(shapes)]
     model, calls = _model(mode="resize", batch=2)
+    inner = model.predict
+    items_read_at_call = []
+
+    def predict(x):
+        items_read_at_call.append(sum(bool(it.reads) for it in items))
+        return inner(x)
+
+    model.predict = predict
     sinks = [ArraySink(h, w) for h, w in shapes]
     results = segment_items(items, model, sinks)
+    model.predict = inner
     assert calls == [2, 2, 1]
+    assert items_read_at_call == [2, 4, 5]  # a batch of photos never holds more than batch_size images
     for item, sink, res in zip(items, sinks, results, strict=True):
         x = resize_bilinear(normalize(item.pixels, model.spec.normalization), 16, 16)
         p = resize_bilinear(model.predict(x[None])[0], item.info.height, item.info.width)
@@ -245,3 +257,58 @@ def test_adapter_error_from_read_propagates():
     model, _ = _model()
     with pytest.raises(AdapterError, match="truncated"):
         segment_item(Broken(np.zeros((3, 60, 20), np.uint8), streamable=True), model, ArraySink(60, 20))
+
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "geotiff_samples"
+
+
+class RasterioItem(Item):
+    """A minimal windowed reader over a real GeoTIFF (independent of adapters.geotiff)."""
+
+    def __init__(self, path: Path, streamable: bool) -> None:
+        import rasterio
+
+        self.ds = rasterio.open(path)
+        self.key, self.streamable = "", streamable
+        self.whole_reads = 0
+        self.info = ItemInfo(height=self.ds.height, width=self.ds.width, bands=self.ds.count,
+                             dtype=self.ds.dtypes[0], modality="geotiff", area_unit="m2",
+                             pixel_area=abs(self.ds.res[0] * self.ds.res[1]), extra={"path": path.name})
+
+    def read(self, window=None):
+        self.whole_reads += window is None
+        return self.ds.read(window=window)
+
+    def valid_mask(self, window=None):
+        return self.ds.dataset_mask(window=window) > 0
+
+
+@pytest.mark.parametrize("name,bands,norm", [
+    ("RGB.byte.tif", None, Normalization(kind="scale", scale=255.0)),
+    ("spacenet6_rotterdam_ms4.tif", [3, 2, 1], Normalization(kind="percentile", low=2, high=98)),
+])
+def test_real_geotiff_streamed_equals_whole_and_honours_nodata(name, bands, norm):
+    path = DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    model, _ = _model(size=64, overlap=8, batch=8, bands=bands, normalization=norm)
+    streamed, whole = RasterioItem(path, True), RasterioItem(path, False)
+    h, w = streamed.info.height, streamed.info.width
+    sinks = [ArraySink(h, w), ArraySink(h, w)]
+    try:
+        res_s = segment_item(streamed, model, sinks[0])
+        res_w = segment_item(whole, model, sinks[1])
+    finally:
+        streamed.ds.close()
+        whole.ds.close()
+    assert streamed.whole_reads == 0 and whole.whole_reads == 1
+    np.testing.assert_array_equal(sinks[0].classes, sinks[1].classes)
+    valid = sinks[1].classes != 255
+    import rasterio
+
+    with rasterio.open(path) as ds:
+        assert (valid == (ds.dataset_mask() > 0)).all()
+    assert res_s.valid_pixels == res_w.valid_pixels == valid.sum()
+    assert res_s.figures[0].area == pytest.approx(res_s.figures[0].pixel_count * streamed.info.pixel_area)
+    if name == "RGB.byte.tif":
+        assert 0 < valid.mean() < 1  # the scene has a nodata collar
