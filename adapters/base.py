@@ -27,10 +27,13 @@ __all__ = [
     "Item",
     "ItemInfo",
     "MaskSink",
+    "RegionItem",
     "Source",
     "UnsupportedInput",
     "Window",
     "full_window",
+    "part_key",
+    "split_key",
 ]
 
 #: Largest image we agree to open, in pixels (width * height). Checked on the *declared* size before any
@@ -223,3 +226,51 @@ class Format(abc.ABC):
 def full_window(info: ItemInfo) -> Window:
     """The window covering the whole item."""
     return Window(0, 0, info.width, info.height)
+
+
+class RegionItem(Item):
+    """Rows ``[start, stop)`` of a streamable item, as an item of its own (one part of a raster split over
+    several tasks). Windows are in part coordinates; the transform is shifted so outputs written for the
+    part are georeferenced where the rows lie in the source."""
+
+    def __init__(self, base: Item, start: int, stop: int) -> None:
+        if not 0 <= start < stop <= base.info.height:
+            raise ValueError(f"rows {start}:{stop} outside an item of height {base.info.height}")
+        self.base, self.start, self.stop = base, start, stop
+        self.key = f"{base.key}@rows={start}:{stop}"
+        self.group = base.group
+        self.streamable = True
+        info = base.info
+        transform = info.transform
+        if transform is not None:
+            a, b, c, d, e, f = transform
+            transform = (a, b, c + b * start, d, e, f + e * start)
+        self.info = ItemInfo(height=stop - start, width=info.width, bands=info.bands, dtype=info.dtype,
+                             modality=info.modality, crs_wkt=info.crs_wkt, transform=transform,
+                             pixel_area=info.pixel_area, area_unit=info.area_unit, warnings=list(info.warnings),
+                             extra={**info.extra, "part_rows": [start, stop], "source_height": info.height})
+        self.path = getattr(base, "path", None)
+
+    def _shift(self, window: Window | None) -> Window:
+        if window is None:
+            return Window(0, self.start, self.info.width, self.info.height)
+        return Window(window.col_off, window.row_off + self.start, window.width, window.height)
+
+    def read(self, window: Window | None = None) -> np.ndarray:
+        return self.base.read(self._shift(window))
+
+    def valid_mask(self, window: Window | None = None) -> np.ndarray | None:
+        return self.base.valid_mask(self._shift(window))
+
+
+def split_key(key: str) -> tuple[str, tuple[int, int] | None]:
+    """``"key@rows=a:b"`` -> ``("key", (a, b))``; keys without a row range -> ``(key, None)``."""
+    base, sep, rng = key.rpartition("@rows=")
+    if not sep:
+        return key, None
+    start, _, stop = rng.partition(":")
+    return base, (int(start), int(stop))
+
+
+def part_key(key: str, start: int, stop: int) -> str:
+    return f"{key}@rows={start}:{stop}"

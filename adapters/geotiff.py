@@ -47,6 +47,7 @@ from adapters.base import (
     Item,
     ItemInfo,
     MaskSink,
+    RegionItem,
     Source,
     UnsupportedInput,
     Window,
@@ -478,8 +479,10 @@ class GeoTiffMaskSink(MaskSink):
         skip_classes: Iterable[int] | None = None,
         polygon_chunk: int = 2048,
         overlay_size: int = 1024,
+        overlay: bool = True,
     ) -> None:
         self.item = item
+        self.overlay = overlay
         self.out_dir = Path(out_dir)
         self.class_names = list(class_names)
         self.colors = [tuple(c) for c in colors]
@@ -552,9 +555,10 @@ class GeoTiffMaskSink(MaskSink):
                 gj = self.out_dir / f"{self.stem}_polygons.geojson"
                 polygonize_classes(cls_path, gj, self.class_names, skip=self.skip, chunk=self.polygon_chunk)
                 arts.append(Artifact("geojson", gj, "application/geo+json"))
-            ov = self.out_dir / f"{self.stem}_overlay.png"
-            write_raster_overlay(self.item, cls_path, ov, self.colors, self.skip, self.overlay_size)
-            arts.append(Artifact("overlay", ov, "image/png"))
+            if self.overlay:
+                ov = self.out_dir / f"{self.stem}_overlay.png"
+                write_raster_overlay(self.item, cls_path, ov, self.colors, self.skip, self.overlay_size)
+                arts.append(Artifact("overlay", ov, "image/png"))
             return arts
         except _GDAL_ERRORS as e:
             raise AdapterError(f"{self.stem}: writing outputs failed: {e}") from e
@@ -785,10 +789,39 @@ class GeoTiffFormat(Format):
     def semantic_sink(
         self, item: Item, out_dir: Path, class_names: Sequence[str], colors: Sequence[tuple[int, int, int]]
     ) -> MaskSink:
+        # A part of a split raster writes its strip only; polygons and the overlay are made once for the
+        # whole raster in finalize_group, so nothing is cut at part borders.
+        part = isinstance(item, RegionItem)
         return GeoTiffMaskSink(
             item, out_dir, class_names, colors,
-            confidence=self.confidence, polygons=self.polygons, polygon_chunk=self.polygon_chunk,
+            confidence=self.confidence, polygons=self.polygons and not part, polygon_chunk=self.polygon_chunk,
+            overlay=not part,
         )
+
+    def finalize_group(
+        self,
+        items: Sequence[Item],
+        mask_files: Sequence[Path],
+        out_dir: Path,
+        class_names: Sequence[str],
+        colors: Sequence[tuple[int, int, int]],
+    ) -> list[Artifact]:
+        """Mosaic the parts of a split raster into whole-raster outputs (kinds ``full_class_raster``,
+        ``full_geojson``, ``full_overlay``), streaming block by block; polygons are traced on the mosaic
+        so buildings on part borders stay whole."""
+        parts = [(it, Path(f)) for it, f in zip(items, mask_files, strict=True) if isinstance(it, RegionItem)]
+        if not parts:
+            return []
+        base = parts[0][0].base
+        sink = GeoTiffMaskSink(base, out_dir, class_names, colors, confidence=False, polygons=self.polygons,
+                               polygon_chunk=self.polygon_chunk)
+        for it, path in parts:
+            with _NoGeoWarnings(), rasterio.open(path) as ds:
+                for _, win in ds.block_windows(1):
+                    cls = ds.read(1, window=win)
+                    full = Window(win.col_off, win.row_off + it.start, win.width, win.height)
+                    sink.write(full, cls, np.zeros(cls.shape, np.float32))
+        return [Artifact(f"full_{a.kind}", a.path, a.media_type) for a in sink.close()]
 
     def write_instances(
         self,

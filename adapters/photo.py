@@ -17,6 +17,7 @@ reused by the GeoTIFF adapter for its preview overlay.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -113,7 +114,8 @@ def blend_overlay(
 def output_stem(item: Item) -> str:
     """File-name stem for an item's outputs: the source file's stem, plus the item key when it has one."""
     stem = Path(str(getattr(item, "path", "") or "item").rstrip("/")).stem or "item"
-    key = getattr(item, "key", "")
+    # Keys may hold '/', ':' or '=' (series paths, row ranges of split rasters): keep file names plain.
+    key = re.sub(r"[^A-Za-z0-9._-]+", "-", getattr(item, "key", "")).strip("-")
     return f"{stem}_{key}" if key else stem
 
 

@@ -170,10 +170,24 @@ class PlannedItem:
     error: str | None = None
 
 
-def expand_inputs(inputs: Sequence[dict[str, Any]], max_pixels: int, storage_options: dict[str, Any]
-                  ) -> list[PlannedItem]:
-    """Open every input and list its items. Inputs that cannot be read become failed items, not errors."""
+def part_rows(height: int, width: int, split_pixels: int) -> list[tuple[int, int]]:
+    """Row ranges splitting a ``height x width`` raster into parts of about ``split_pixels`` pixels
+    (multiples of 256 rows, at least 512), or one range when it is small enough."""
+    if height * width <= split_pixels:
+        return [(0, height)]
+    rows = max(512, (split_pixels // max(width, 1)) // 256 * 256)
+    return [(r, min(r + rows, height)) for r in range(0, height, rows)]
+
+
+def expand_inputs(inputs: Sequence[dict[str, Any]], max_pixels: int, storage_options: dict[str, Any],
+                  split_pixels: int | None = None) -> list[PlannedItem]:
+    """Open every input and list its items. Inputs that cannot be read become failed items, not errors.
+
+    With ``split_pixels``, streamable rasters larger than that become several items, one per row part
+    (keys ``<key>@rows=a:b``, sharing a group so their outputs are mosaicked at the end).
+    """
     from adapters import AdapterError, open_input
+    from adapters.base import part_key
     from core.store import fetch_input
 
     planned: list[PlannedItem] = []
@@ -188,8 +202,18 @@ def expand_inputs(inputs: Sequence[dict[str, Any]], max_pixels: int, storage_opt
                     if not items:
                         raise AdapterError(f"{os.path.basename(path)}: contains no images")
                     for it in items:
-                        planned.append(PlannedItem(source=path, key=it.key, group=it.group, format=fmt.name,
-                                                   truth=truth, meta=it.info.to_json()))
+                        meta = it.info.to_json()
+                        ranges = (part_rows(it.info.height, it.info.width, split_pixels)
+                                  if split_pixels and it.streamable else [(0, it.info.height)])
+                        if len(ranges) == 1:
+                            planned.append(PlannedItem(source=path, key=it.key, group=it.group, format=fmt.name,
+                                                       truth=truth, meta=meta))
+                            continue
+                        for n, (a, b) in enumerate(ranges):
+                            part = {"rows": [a, b], "index": n, "count": len(ranges)}
+                            planned.append(PlannedItem(source=path, key=part_key(it.key, a, b),
+                                                       group=f"parts:{path}#{it.key}", format=fmt.name,
+                                                       truth=truth, meta={**meta, "part": part}))
             except AdapterError as exc:
                 planned.append(PlannedItem(source=path, key="", group=None, format=None, truth=truth, meta={},
                                            error=str(exc)))

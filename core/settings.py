@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 2 * 1024**3
     #: Largest number of inputs in one job request.
     max_inputs_per_job: int = 100_000
+    #: Streamed rasters larger than this many pixels are split into row parts processed by separate
+    #: tasks (in parallel on several workers) and mosaicked when the last part is done.
+    split_pixels: int = 8192 * 8192
     #: Photos per task (one batched model call per this many images).
     photo_batch: int = 16
     #: Worker: processes per `tileseg worker` (Celery prefork) and tasks before a child is recycled.

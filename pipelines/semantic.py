@@ -20,7 +20,7 @@ from pipelines.metrics import ClassAccumulator, scores
 from pipelines.normalize import BandStats, band_stats, normalize
 from pipelines.registry import LoadedModel
 from pipelines.spec import ModelSpec
-from pipelines.tiling import TiledRaster, TilingConfig, predict_tiled_many, window_grid
+from pipelines.tiling import TiledRaster, TilingConfig, axis_starts, predict_tiled_many, window_grid
 
 __all__ = [
     "NODATA_CLASS",
@@ -132,11 +132,12 @@ def _stats_for(item: Item, spec: ModelSpec, idx: list[int], whole: np.ndarray | 
     return band_stats(sample, norm.low, norm.high, np.concatenate(masks)[None, :])
 
 
-def _check_truth(item: Item, truth: np.ndarray | None) -> None:
-    if truth is not None and truth.shape != (item.info.height, item.info.width):
+def _check_truth(item: Item, truth: np.ndarray | None, rows: tuple[int, int] | None = None) -> None:
+    height = item.info.height if rows is None else rows[1] - rows[0]
+    if truth is not None and truth.shape != (height, item.info.width):
         raise AdapterError(
             f"{_label(item)}: ground truth shape {truth.shape} != image "
-            f"({item.info.height}, {item.info.width})"
+            f"({height}, {item.info.width})"
         )
 
 
@@ -144,19 +145,27 @@ class _ItemRun:
     """State of one item while its blocks stream through: reading, figures, sink writes."""
 
     def __init__(self, item: Item, spec: ModelSpec, sink: MaskSink, truth: np.ndarray | None,
-                 progress: Callable[[float], None] | None, *, read_whole: bool) -> None:
-        _check_truth(item, truth)
+                 progress: Callable[[float], None] | None, *, read_whole: bool,
+                 rows: tuple[int, int] | None = None) -> None:
+        _check_truth(item, truth, rows)
         self.item, self.spec, self.sink, self.truth, self.progress = item, spec, sink, truth, progress
+        self.rows = rows
         self.idx = _band_indices(item, spec)
         self.acc = ClassAccumulator(_num_classes(spec))
         self.done_pixels = 0
-        self.total = item.info.height * item.info.width
+        height = item.info.height if rows is None else rows[1] - rows[0]
+        self.total = height * item.info.width
         self.read_whole = read_whole
         self.whole: np.ndarray | None = None
         self.whole_valid: np.ndarray | None = None
         self.stats: BandStats | None = None
         self.loaded = False
         self.tiles_left = len(window_grid(item.info.height, item.info.width, spec.input_size, spec.overlap))
+        if rows is not None:
+            th = min(spec.input_size, item.info.height)
+            starts = axis_starts(item.info.height, spec.input_size, spec.overlap)
+            n_rows = sum(1 for r in starts if r < rows[1] and r + th > rows[0])
+            self.tiles_left = n_rows * len(axis_starts(item.info.width, spec.input_size, spec.overlap))
         # Valid masks of tiles read but not yet emitted, keyed by tile origin: the tiling engine
         # guarantees each block starts at the origin of a tile window that was read and lies inside
         # it, so the writer thread never touches the item (adapters are not thread-safe).
@@ -209,6 +218,15 @@ class _ItemRun:
         with self._lock:
             tile_valid = self._masks.pop((r, c), None)
         valid = None if tile_valid is None else tile_valid[:h, :w]
+        if self.rows is not None:
+            # A part of a split raster: keep the block's rows inside the part, in part coordinates.
+            start, stop = self.rows
+            a, b = max(r, start), min(r + h, stop)
+            if a >= b:
+                return
+            probs = probs[a - r : b - r]
+            valid = None if valid is None else valid[a - r : b - r]
+            win = Window(c, a - start, w, b - a)
         self.write(win, probs, valid)
 
     def write(self, win: Window, probs: np.ndarray, valid: np.ndarray | None) -> None:
@@ -314,9 +332,11 @@ def _run_resize(runs: Sequence[_ItemRun], model: LoadedModel) -> None:
 
 
 def _prepare(item: Item, spec: ModelSpec, sink: MaskSink, truth: np.ndarray | None,
-             progress: Callable[[float], None] | None) -> _ItemRun:
+             progress: Callable[[float], None] | None, rows: tuple[int, int] | None = None) -> _ItemRun:
     if spec.kind != "semantic":
         raise ValueError(f"model {spec.name} is a {spec.kind} model, not semantic")
+    if rows is not None and (spec.mode != "tile" or not item.streamable):
+        raise ValueError("a row range needs a tile-mode model and a streamable item")
     if spec.mode == "resize" and item.streamable and item.info.height * item.info.width > MAX_RESIZE_PIXELS:
         raise AdapterError(
             f"{_label(item)}: {item.info.width}x{item.info.height} is too large for resize-mode model "
@@ -324,7 +344,7 @@ def _prepare(item: Item, spec: ModelSpec, sink: MaskSink, truth: np.ndarray | No
         )
     # Resize mode needs the whole image (streamed ones only when small enough, checked above).
     read_whole = spec.mode == "resize" or not item.streamable
-    return _ItemRun(item, spec, sink, truth, progress, read_whole=read_whole)
+    return _ItemRun(item, spec, sink, truth, progress, read_whole=read_whole, rows=rows)
 
 
 def segment_items(
@@ -358,7 +378,7 @@ def _execute(runs: Sequence[_ItemRun], model: LoadedModel) -> None:
     if spec.mode == "resize":
         _run_resize(runs, model)
         return
-    rasters = [TiledRaster(run.read_tile, run.item.info.height, run.item.info.width, run.emit_probs)
+    rasters = [TiledRaster(run.read_tile, run.item.info.height, run.item.info.width, run.emit_probs, run.rows)
                for run in runs]
     predict_tiled_many(rasters, model.predict, _num_classes(spec), _tiling_config(spec))
 
@@ -370,14 +390,19 @@ def segment_item(
     *,
     ground_truth: np.ndarray | None = None,
     progress: Callable[[float], None] | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> SemanticResult:
     """Segment one item and stream its class ids and confidence into ``sink`` (not closed here).
 
     ``ground_truth`` ``(H, W)`` int class ids (255 = ignore) adds a confusion matrix and per-class Dice/IoU.
     ``progress(fraction in [0, 1])`` is called after each written block (from a worker thread).
     Streamed items (``item.streamable``) are read window by window, never whole.
+    ``rows=(start, stop)`` segments only those rows of a streamed raster (one part of a raster split over
+    several tasks): the result equals the same rows of a whole-raster run, because the part predicts
+    exactly the full-raster grid's tiles that touch it. Windows given to ``sink`` and ``ground_truth`` are
+    then in part coordinates (row 0 = ``start``); figures cover the part only.
     """
-    run = _prepare(item, model.spec, sink, ground_truth, progress)
+    run = _prepare(item, model.spec, sink, ground_truth, progress, rows)
     _execute([run], model)
     return run.result()
 

@@ -153,6 +153,11 @@ class TiledRaster:
     height: int
     width: int
     emit: Callable[[Window, np.ndarray], None]
+    #: Only rows ``[start, stop)`` are wanted (a part of a raster split across tasks): only the tiles of
+    #: the full-raster grid that touch them are predicted. Emitted blocks may extend outside the range;
+    #: their rows inside it equal the full-raster run exactly (same grid, same weights), the rest is to be
+    #: discarded by the caller.
+    rows: tuple[int, int] | None = None
 
 
 class _Accumulator:
@@ -184,8 +189,17 @@ class _Accumulator:
         self.num_classes = num_classes
         self.cells: dict[tuple[int, int], np.ndarray] = {}
 
+    @property
+    def row_indices(self) -> list[int]:
+        """Tile rows to predict: all, or those touching the wanted row range."""
+        if self.raster.rows is None:
+            return list(range(len(self.rows)))
+        start, stop = self.raster.rows
+        return [i for i, r in enumerate(self.rows) if r < stop and r + self.th > start]
+
     def tiles(self) -> Iterator[tuple[int, int, Window]]:
-        for i, r in enumerate(self.rows):
+        for i in self.row_indices:
+            r = self.rows[i]
             for j, c in enumerate(self.cols):
                 yield i, j, Window(c, r, self.tw, self.th)
 
@@ -309,11 +323,13 @@ def predict_tiled_many(
             raise ValueError(f"model returned shape {y.shape} for input {x.shape}; expected {expected}")
         return y
 
+    last_row = [acc.row_indices[-1] if acc.row_indices else -1 for acc in accs]
+
     def consume(keys: list[tuple[int, int, int]], y: np.ndarray) -> None:
         for (k, i, j), probs in zip(keys, y, strict=True):
             acc = accs[k]
             acc.add(i, j, probs)
-            if i == len(acc.rows) - 1 and j == len(acc.cols) - 1:
+            if i == last_row[k] and j == len(acc.cols) - 1:
                 acc.release()
 
     if cfg.prefetch == 0:

@@ -20,7 +20,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from adapters import AdapterError, get_format
-from adapters.base import Format
+from adapters.base import Format, RegionItem, split_key
 from adapters.base import Item as AdapterItem
 from core import jobs
 from core.db import session_scope
@@ -61,8 +61,9 @@ def plan_job(job_id: uuid.UUID) -> list[list[uuid.UUID]]:
             return []
         already = job.planned
         inputs = list(job.inputs)
+        pipeline = job.pipeline
     if not already:
-        planned = jobs.expand_inputs(inputs, s.max_pixels, s.storage_options)
+        planned = jobs.expand_inputs(inputs, s.max_pixels, s.storage_options, _split_pixels(pipeline))
         with session_scope() as session:
             jobs.record_plan(session, job_id, planned)
     with session_scope() as session:
@@ -84,6 +85,21 @@ def plan_job(job_id: uuid.UUID) -> list[list[uuid.UUID]]:
                 batches.append([it.id])
         batches.extend(photo_batches.values())
     return batches
+
+
+def _split_pixels(pipeline: str) -> int | None:
+    """Rasters are split into parts only for tile-mode semantic models (instances would be cut at part
+    borders; resize models need the whole image)."""
+    from pipelines.registry import ModelNotFound, get_spec
+
+    name = model_for_item(pipeline, "geotiff")
+    try:
+        spec = get_spec(name) if name else None
+    except ModelNotFound:
+        return None
+    if spec is None or spec.kind != "semantic" or spec.mode != "tile":
+        return None
+    return get_settings().split_pixels
 
 
 def model_for_item(pipeline: str, fmt: str | None) -> str | None:
@@ -200,7 +216,9 @@ class _Opened:
 
             fmt = detect(local)
         self._source = fmt.open(local, max_pixels=get_settings().max_pixels)
-        return fmt, self._source.item(self.key)
+        key, rows = split_key(self.key)
+        item = self._source.item(key)
+        return fmt, (RegionItem(item, *rows) if rows else item)
 
     def __exit__(self, *exc: object) -> None:
         try:
@@ -275,7 +293,12 @@ def _run_one(job_id: uuid.UUID, t: tuple, model: Any, options: dict[str, Any]) -
 
                 gt = _read_truth(truth, options) if truth else None
                 sink = fmt.semantic_sink(item, out_dir, model.spec.names_by_id(), model.spec.colors_by_id())
-                result = segment_item(item, model, sink, ground_truth=gt)
+                if isinstance(item, RegionItem):
+                    rows = (item.start, item.stop)
+                    gt = None if gt is None else gt[item.start : item.stop]
+                    result = segment_item(item.base, model, sink, ground_truth=gt, rows=rows)
+                else:
+                    result = segment_item(item, model, sink, ground_truth=gt)
                 artifacts = _upload(job_id, item_id, sink.close())
                 return _record_success(job_id, item_id, artifacts, _semantic_rows(job_id, item_id, result), [], meta)
             from pipelines.instances import detect_item, instance_figures
@@ -403,16 +426,25 @@ def _aggregate(session: Any, job_id: uuid.UUID) -> None:
 
 
 def _finalize_groups(session: Any, job_id: uuid.UUID) -> None:
-    """Outputs spanning several items (one DICOM SEG per series), attached to the group's first item."""
-    items = session.scalars(select(Item).where(Item.job_id == job_id, Item.status == ItemStatus.succeeded,
-                                               Item.group.is_not(None)).order_by(Item.seq)).all()
+    """Outputs spanning several items (one DICOM SEG per series, the mosaic of a split raster), attached to
+    the group's first item. A split raster is mosaicked only when every part succeeded."""
+    items = session.scalars(select(Item).where(Item.job_id == job_id, Item.group.is_not(None))
+                            .order_by(Item.seq)).all()
     groups: dict[tuple[str, str], list[Item]] = defaultdict(list)
     for it in items:
         groups[(it.format or "", it.group)].append(it)
     st = store()
     from pipelines.registry import get_spec
 
-    for (fmt_name, _group), members in groups.items():
+    for (fmt_name, group), everyone in groups.items():
+        members = [m for m in everyone if m.status == ItemStatus.succeeded]
+        if not members:
+            continue
+        if group.startswith("parts:") and len(members) < len(everyone):
+            job = session.get(Job, job_id)
+            note = f"{Path(members[0].source).name}: {len(everyone) - len(members)} part(s) failed, no mosaic"
+            job.error = ((job.error or "") + "\n" + note).strip()
+            continue
         fmt = get_format(fmt_name)
         if type(fmt).finalize_group is Format.finalize_group:  # nothing group-wide to write: skip the I/O
             continue
