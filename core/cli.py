@@ -396,6 +396,8 @@ def _wait(job_id: uuid.UUID, show: bool, timeout: float | None, worker: subproce
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(concurrency: int | None, pool: str, loglevel: str, celery_args: tuple[str, ...]) -> None:
     """Run a Celery worker (any number, on any machine sharing the broker, database and store)."""
+    # GDAL's block cache defaults to 5 % of RAM per process, which dominates a streaming worker's memory.
+    os.environ.setdefault("GDAL_CACHEMAX", "256")
     ensure_schema()
     from worker.app import app
 
