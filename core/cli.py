@@ -296,13 +296,28 @@ def _print_results(d: dict[str, Any]) -> None:
                       f(c["instance_count"], "{}"), f(c["mean_score"]), f(c["dice"]), f(c["iou"]))
         con.print(t)
     t = Table(title="items")
-    for col in ("#", "input", "model", "status", "outputs / error"):
-        t.add_column(col)
+    for col in ("#", "input", "model", "status", "top classes / error"):
+        t.add_column(col, overflow="fold")
     for it in d["items"]:
         name = Path(it["source"]).name + (f" [{it['key']}]" if it["key"] else "")
-        outs = it["error"] or "\n".join(f"{k}: {v}" for k, v in sorted(it["artifacts"].items()))
-        t.add_row(str(it["seq"]), name, str(it["meta"].get("model", "-")), it["status"], outs)
+        if it["error"]:
+            detail = it["error"]
+        else:
+            top = sorted(it.get("metrics", []), key=lambda m: -(m["instance_count"] or m["pixel_count"] or 0))[:3]
+            detail = ", ".join(
+                f"{m['class_name']} {m['instance_count']}x" if m["instance_count"] is not None
+                else f"{m['class_name']} {100 * (m['fraction'] or 0):.1f}%" for m in top)
+        t.add_row(str(it["seq"]), name, str(it["meta"].get("model", "-")), it["status"], detail)
     con.print(t)
+    # Full paths, one per line and never wrapped or cut, so they can be copied.
+    click.echo("outputs:")
+    for it in d["items"]:
+        if not it["artifacts"]:
+            continue
+        name = Path(it["source"]).name + (f" [{it['key']}]" if it["key"] else "")
+        click.echo(f"  {it['seq']} {name}")
+        for kind, uri in sorted(it["artifacts"].items()):
+            click.echo(f"      {kind:<18} {uri}")
 
 
 @main.command()
