@@ -26,6 +26,11 @@ def configure(app: Celery = app) -> Celery:
     s = get_settings()
     if s.embedded_queue:
         s.ensure_dirs()
+    if app.conf.get("broker_url") not in (None, s.queue_url):
+        # Pooled connections and producers still point at the old broker: drop them.
+        app.close()
+        if "amqp" in app.__dict__:
+            app.amqp._producer_pool = None
     app.conf.update(
         broker_url=s.queue_url,
         result_backend=None,
@@ -40,6 +45,9 @@ def configure(app: Celery = app) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
+        # A task running when the broker connection drops finishes its item (its writes are idempotent and
+        # the redelivered copy skips finished items) instead of being cancelled and redone from scratch.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         # kombu's SQLAlchemy transport passes its options to create_engine, so only Redis gets these.
         broker_transport_options={} if s.embedded_queue else {
             "visibility_timeout": s.visibility_timeout,

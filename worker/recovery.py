@@ -68,7 +68,11 @@ def queue_size(queue: str = "tileseg") -> int:
 
     with app.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=5)
-        _, count, _ = conn.default_channel.queue_declare(queue=queue, passive=True)
+        # Not a passive declare: Redis has no empty queues (an empty list is no key), and a broker restarted
+        # without persistence has also forgotten the exchange binding that routes our publishes.
+        q = app.amqp.queues[queue].bind(conn.default_channel)
+        q.declare()
+        _, count, _ = q.queue_declare(passive=False)
         return int(count)
 
 
