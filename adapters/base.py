@@ -46,6 +46,46 @@ class AdapterError(Exception):
     """An input cannot be read. The message is stored on the item and shown to the user."""
 
 
+def _guarded(method: Any, what: str) -> Any:
+    """Wrap an adapter method so that anything a decoder raises on hostile bytes (TypeError, KeyError,
+    struct.error, GDAL/pydicom errors ...) surfaces as :class:`AdapterError` naming the input. The contract
+    holds for every adapter, present or future, without each one catching every library's exceptions."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (AdapterError, MemoryError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception:
+            raise_as_adapter_error(self, args, what)
+
+    wrapper.__tileseg_guarded__ = True
+    return wrapper
+
+
+def raise_as_adapter_error(obj: Any, args: tuple, what: str) -> None:
+    import os
+    import sys
+
+    exc = sys.exc_info()[1]
+    name = getattr(obj, "path", None) or (args[0] if args and isinstance(args[0], str) else None)
+    label = os.path.basename(str(name).rstrip("/")) if name else type(obj).__name__
+    key = getattr(obj, "key", "")
+    if key:
+        label = f"{label} [{key}]"
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    raise AdapterError(f"{label}: cannot be read ({type(exc).__name__}: {first})") from exc
+
+
+def _guard_methods(cls: type, names: tuple[str, ...]) -> None:
+    for name in names:
+        method = cls.__dict__.get(name)
+        if method is not None and callable(method) and not getattr(method, "__tileseg_guarded__", False):
+            setattr(cls, name, _guarded(method, name))
+
+
 class UnsupportedInput(AdapterError):
     """No adapter recognises the file (wrong format, empty file, not an image)."""
 
@@ -109,6 +149,10 @@ class Artifact:
 class Item(abc.ABC):
     """One image, slice, frame or raster inside a :class:`Source`."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _guard_methods(cls, ("read", "valid_mask", "preview"))
+
     #: Stable key within its source ("" for single-image files, e.g. "frame-0003" for frames).
     key: str
     #: Items sharing a group are finalised together (a DICOM series -> one DICOM SEG).
@@ -131,11 +175,15 @@ class Item(abc.ABC):
 
     def preview(self, max_size: int = 1024) -> np.ndarray:
         """``(H, W, 3) uint8`` display image for overlays, at most ``max_size`` on its longer side."""
-        raise NotImplementedError
+        raise AdapterError(f"{type(self).__name__}: no preview for this kind of item")
 
 
 class Source(abc.ABC):
     """An opened input: a file, a folder (DICOM series) or an object-store URL."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _guard_methods(cls, ("items", "item"))
 
     path: str
     format: str
@@ -178,7 +226,29 @@ class MaskSink(abc.ABC):
 
 
 class Format(abc.ABC):
-    """One input/output format: recognises files, opens them, and creates sinks for their outputs."""
+    """One input/output format: recognises files, opens them, and creates sinks for their outputs.
+
+    ``sniff``, ``open`` and every :class:`Item`'s ``read``/``valid_mask``/``preview`` are wrapped so that
+    any exception other than :class:`AdapterError` becomes one naming the input (hostile files must never
+    raise anything else). ``sniff`` returning an error means "not mine".
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _guard_methods(cls, ("open",))
+        sniff = cls.__dict__.get("sniff")
+        if sniff is not None and not getattr(sniff, "__tileseg_guarded__", False):
+            import functools
+
+            @functools.wraps(sniff)
+            def safe_sniff(self: Any, path: str, head: bytes, _sniff: Any = sniff) -> bool:
+                try:
+                    return bool(_sniff(self, path, head))
+                except Exception:  # noqa: BLE001 - a file that breaks a sniffer is simply not this format
+                    return False
+
+            safe_sniff.__tileseg_guarded__ = True
+            cls.sniff = safe_sniff
 
     name: str
 
