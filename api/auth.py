@@ -4,13 +4,15 @@ answer 404, so job IDs cannot be probed."""
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
 from core.db import session_scope
 from core.settings import get_settings
-from core.tokens import Principal, verify_token
+from core.tokens import Principal, hash_token, verify_token
 
 __all__ = ["COOKIE", "CurrentPrincipal", "current_principal"]
 
@@ -26,6 +28,35 @@ def presented_token(request: Request) -> str | None:
     return request.cookies.get(COOKIE)
 
 
+#: Seconds a verified token is trusted without asking the database again. Polling clients would otherwise
+#: cost one token query per request; a revoked token stops working within this many seconds.
+TOKEN_CACHE_SECONDS = 5.0
+_cache: dict[str, tuple[float, Principal]] = {}
+_cache_lock = threading.Lock()
+
+
+def _lookup(token: str) -> Principal | None:
+    now = time.monotonic()
+    key = hash_token(token)
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+    with session_scope() as session:
+        principal = verify_token(session, token)
+    if principal is not None:
+        with _cache_lock:
+            if len(_cache) > 10_000:
+                _cache.clear()
+            _cache[key] = (now + TOKEN_CACHE_SECONDS, principal)
+    return principal
+
+
+def clear_token_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
 def current_principal(request: Request) -> Principal:
     if not get_settings().auth:
         return ANONYMOUS
@@ -33,8 +64,7 @@ def current_principal(request: Request) -> Principal:
     if not token:
         raise HTTPException(401, "missing API token (Authorization: Bearer <token>; create one with "
                                  "`tileseg token create`)", headers={"WWW-Authenticate": "Bearer"})
-    with session_scope() as session:
-        principal = verify_token(session, token)
+    principal = _lookup(token)
     if principal is None:
         raise HTTPException(401, "invalid or revoked API token", headers={"WWW-Authenticate": "Bearer"})
     return principal

@@ -426,13 +426,15 @@ def worker(concurrency: int | None, pool: str, loglevel: str, celery_args: tuple
 @main.command()
 @click.option("--host", default=None, help="bind address (default from settings)")
 @click.option("--port", type=int, default=None)
-def api(host: str | None, port: int | None) -> None:
+@click.option("--workers", type=int, default=1, show_default=True, help="server processes")
+def api(host: str | None, port: int | None, workers: int) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs)."""
     import uvicorn
 
     ensure_schema()
     s = get_settings()
-    uvicorn.run("api.app:app", host=host or s.api_host, port=port or s.api_port, log_level="info")
+    uvicorn.run("api.app:app", host=host or s.api_host, port=port or s.api_port, log_level="warning",
+                workers=workers)
 
 
 def _register_optional() -> None:

@@ -147,4 +147,8 @@ def test_access_control(client: TestClient, photo_dir: Path) -> None:
     assert as_admin.get("/jobs").json()["total"] == 1
     with session_scope() as s:
         assert revoke_token(s, bob_row.id)
+    # Verified tokens are trusted for a few seconds (api.auth.TOKEN_CACHE_SECONDS); after that, revoked.
+    from api.auth import clear_token_cache
+
+    clear_token_cache()
     assert as_bob.get("/jobs").status_code == 401
