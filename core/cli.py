@@ -446,6 +446,15 @@ def _register_optional() -> None:
         mod = importlib.import_module("core.cli_train")
         main.add_command(mod.train)
         main.add_command(mod.eval_command, "eval")
+        if importlib.util.find_spec("core.cli_domains") is not None:
+            dom = importlib.import_module("core.cli_domains")
+            for cmd in (dom.buildings_command, dom.ct_organs_command):
+                mod.train.add_command(cmd)
+            mod.train.add_command(dom.export_command, "export-domain")
+            mod.train.add_command(dom.card_command, "card")
+        if importlib.util.find_spec("core.cli_maskrcnn") is not None:
+            mr = importlib.import_module("core.cli_maskrcnn")
+            mod.train.add_command(mr.maskrcnn, "maskrcnn")
     if importlib.util.find_spec("core.cli_schedules") is not None:
         mod = importlib.import_module("core.cli_schedules")
         for cmd in mod.COMMANDS:

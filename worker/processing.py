@@ -297,6 +297,16 @@ def _run_one(job_id: uuid.UUID, t: tuple, model: Any, options: dict[str, Any]) -
                     rows = (item.start, item.stop)
                     gt = None if gt is None else gt[item.start : item.stop]
                     result = segment_item(item.base, model, sink, ground_truth=gt, rows=rows)
+                elif model.spec.ground_resolution_m and item.info.crs_wkt:
+                    # Georeferenced input at another ground resolution: resample to the model's, return the
+                    # result on the input's own grid.
+                    from pipelines.domains import segment_at_model_resolution
+
+                    result, scale = segment_at_model_resolution(item, model, sink, ground_truth=gt)
+                    if scale is not None:
+                        note = (f"resampled x{scale:.3f} to the model's {model.spec.ground_resolution_m} m "
+                                "ground resolution; outputs are on the input grid")
+                        meta = {**meta, "warnings": [*meta.get("warnings", []), note]}
                 else:
                     result = segment_item(item, model, sink, ground_truth=gt)
                 artifacts = _upload(job_id, item_id, sink.close())
