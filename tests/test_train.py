@@ -165,6 +165,7 @@ def _history_epochs(path: Path) -> list[int]:
         return [int(r["epoch"]) for r in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_tiny_training_run_with_resume(tmp_path):
     names = pick_names(6, 2)
     root = make_pets_folder(tmp_path / "d", names)
