@@ -103,11 +103,22 @@ def pseudo_label_command(model: str, data: str, out: str, threshold: float, tta:
               help="class id = trimap value - offset.")
 def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction: float, mode: str | None,
                  tta: bool, label_offset: int) -> None:
-    """Score a semantic model on a labeled folder: pixel accuracy, mean IoU, per-class Dice and IoU."""
+    """Score a model on a labeled folder laid out like oxford_pets.
+
+    Semantic models: pixel accuracy, mean IoU, per-class Dice and IoU. Instance models: COCO mask AP, AP50,
+    AP75 and box AP (pycocotools), pets matched to the model's classes by name (cat, dog).
+    """
     from adapters.base import AdapterError
-    from pipelines.evaluate import evaluate_folder
+    from pipelines.evaluate import evaluate_folder, resolve_model
     from pipelines.registry import ModelNotFound
 
+    try:
+        spec = resolve_model(model)
+    except (ModelNotFound, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    if spec.kind == "instance":
+        _eval_instances(spec, data, as_json, split, val_fraction)
+        return
     try:
         report = evaluate_folder(model, data, split=split, val_fraction=val_fraction, mode=mode, tta=tta,
                                  label_offset=label_offset)
@@ -124,6 +135,27 @@ def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction:
     click.echo(f"{'class':<14}{'dice':>8}{'iou':>8}")
     for cname, s in report["per_class"].items():
         click.echo(f"{cname:<14}{s['dice']:>8.4f}{s['iou']:>8.4f}")
+
+
+def _eval_instances(spec, data: str, as_json: bool, split: str, val_fraction: float) -> None:  # noqa: ANN001
+    from pipelines.instance_eval import evaluate_folder as evaluate_instances
+    from pipelines.registry import load
+    from pipelines.train import is_validation, list_names
+
+    names = list_names(data)
+    if split == "val":
+        names = [n for n in names if is_validation(n, val_fraction)]
+    try:
+        metrics = evaluate_instances(load(spec), data, names=names)
+    except (ValueError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from e
+    report = {"model": spec.name, "kind": "instance", "split": split, "images": len(names), **metrics.to_json()}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"model {spec.name}  split {split}  images {len(names)}")
+    for k, v in metrics.to_json().items():
+        click.echo(f"{k:<12}{'-' if v is None else f'{v:.4f}'}")
 
 
 if __name__ == "__main__":  # ``python -m core.cli_train unet ...`` before the main CLI registers these

@@ -68,3 +68,32 @@ def test_instance_job(blob_spec: Path, tmp_path: Path) -> None:
     assert red["area"] == pytest.approx(40 * 70 * 0.25, rel=0.05) and red["area_unit"] == "m2"
     job = {c["class_name"]: c for c in out["classes"]}
     assert job["red-thing"]["instance_count"] == 2 and job["green-thing"]["instance_count"] == 2
+
+
+def test_eval_instance_model_on_pets_layout(blob_spec: Path, tmp_path: Path) -> None:
+    """`tileseg eval` on an instance model: COCO mask/box AP from a folder laid out like oxford_pets."""
+    from PIL import Image
+
+    spec = json.loads((blob_spec / "spec.json").read_text())
+    spec["classes"] = [{"id": 1, "name": "cat", "color": [255, 0, 0]}, {"id": 2, "name": "dog", "color": [0, 255, 0]}]
+    (blob_spec / "spec.json").write_text(json.dumps(spec))
+    data = tmp_path / "pets"
+    for sub in ("images", "trimaps", "annotations"):
+        (data / sub).mkdir(parents=True)
+    lines = []
+    for n in range(4):
+        # Red blob = cat (class 1), green = dog (class 2); trimap 1 = pet, 2 = background, 3 = outline.
+        colour, name = ((220, 30, 30), f"Cat_{n}") if n % 2 == 0 else ((30, 220, 30), f"dog_{n}")
+        img = blob_image(64, 64, [("rect", 10 + n, 12, 50, 44 + n, colour)])
+        Image.fromarray(img).save(data / "images" / f"{name}.jpg", quality=95)
+        trimap = np.full((64, 64), 2, np.uint8)
+        trimap[10 + n : 50, 12 : 44 + n] = 1
+        Image.fromarray(trimap).save(data / "trimaps" / f"{name}.png")
+        lines.append(f"{name} 1 {1 if n % 2 == 0 else 2} 1")
+    (data / "annotations" / "trainval.txt").write_text("\n".join(lines) + "\n")
+    proc = run_cli("eval", "--model", "blobs", "--data", str(data), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["kind"] == "instance" and report["images"] == 4
+    assert report["mask_ap50"] == pytest.approx(1.0) and report["box_ap50"] == pytest.approx(1.0)
+    assert 0.5 < report["mask_ap"] <= 1.0
