@@ -26,9 +26,7 @@ case "${1:-demo}" in
   demo)
     setup ""
     export TILESEG_DATA_DIR=${TILESEG_DATA_DIR:-$PWD/tileseg-data}
-    # pydicom ships CT_small.dcm: the DICOM sample of the demo comes from the installed package.
-    CT=$(.venv/bin/python -c 'from pydicom.data import get_testdata_file; print(get_testdata_file("CT_small.dcm"))')
-    .venv/bin/tileseg run samples/photos samples/geotiff "$CT" "${@:2}"
+    .venv/bin/tileseg run samples/photos samples/geotiff samples/dicom "${@:2}"
     echo
     echo "Outputs are under $TILESEG_DATA_DIR/artifacts (paths above). Query again with: .venv/bin/tileseg results <job id>"
     ;;

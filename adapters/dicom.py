@@ -758,10 +758,13 @@ def _blend(base: np.ndarray, labels: np.ndarray, colors: Sequence[tuple[int, int
 
 
 def _item_stem(item: Item) -> str:
-    if item.key:
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", item.key)
+    """The source file's stem, plus the item key for frames of multi-frame files (slice files of a series
+    already have their own names)."""
     path = getattr(item, "path", None)
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem) if path else "image"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem) if path else "image"
+    if item.key and getattr(item, "frame", None) is not None:
+        return f"{stem}_{re.sub(r'[^A-Za-z0-9._-]+', '_', item.key.rsplit('/', 1)[-1])}"
+    return stem
 
 
 class DicomMaskSink(MaskSink):
