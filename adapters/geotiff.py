@@ -393,6 +393,20 @@ class _GeoJsonWriter:
         self._f.close()
 
 
+def geojson_to_gpkg(geojson: Path, gpkg: Path, crs: CRS, layer: str) -> bool:
+    """Copy a GeoJSON written by :class:`_GeoJsonWriter` into a GeoPackage layer (via pyogrio/OGR), in the
+    same CRS (taken from the raster, since GeoJSON readers assume WGS 84). False when there are no
+    features (an empty GeoPackage layer needs a geometry type we cannot know)."""
+    import pyogrio
+
+    meta, _fids, geometry, field_data = pyogrio.raw.read(str(geojson))
+    if len(geometry) == 0:
+        return False
+    pyogrio.raw.write(str(gpkg), geometry, field_data, meta["fields"], crs=crs.to_wkt(),
+                      geometry_type=meta["geometry_type"], driver="GPKG", layer=layer, promote_to_multi=True)
+    return True
+
+
 def _area_props(rings: list, crs: CRS, unit_factor: float | None) -> dict[str, float | None]:
     if crs.is_geographic:
         return {"area": polygon_area(rings), "area_m2": polygon_area(rings, geographic=True)}
@@ -555,6 +569,9 @@ class GeoTiffMaskSink(MaskSink):
                 gj = self.out_dir / f"{self.stem}_polygons.geojson"
                 polygonize_classes(cls_path, gj, self.class_names, skip=self.skip, chunk=self.polygon_chunk)
                 arts.append(Artifact("geojson", gj, "application/geo+json"))
+                gpkg = self.out_dir / f"{self.stem}_polygons.gpkg"
+                if geojson_to_gpkg(gj, gpkg, crs, "polygons"):
+                    arts.append(Artifact("gpkg", gpkg, "application/geopackage+sqlite3"))
             if self.overlay:
                 ov = self.out_dir / f"{self.stem}_overlay.png"
                 write_raster_overlay(self.item, cls_path, ov, self.colors, self.skip, self.overlay_size)
@@ -761,6 +778,9 @@ def write_geotiff_instances(
     ]
     if gj is not None:
         arts.append(Artifact("geojson", gj_path, "application/geo+json"))
+        gpkg = out_dir / f"{stem}_instances.gpkg"
+        if geojson_to_gpkg(gj_path, gpkg, crs, "instances"):
+            arts.append(Artifact("gpkg", gpkg, "application/geopackage+sqlite3"))
     return arts
 
 

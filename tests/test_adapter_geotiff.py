@@ -212,8 +212,17 @@ def test_semantic_sink_streams_georeferenced_cog(tmp_path, fmt):
         sink = fmt.semantic_sink(item, tmp_path / "out", NAMES, COLORS)
         _stream(sink, classes, conf, 256)
         arts = {a.kind: a.path for a in sink.close()}
-    assert set(arts) == {"class_raster", "confidence", "geojson", "overlay"}
+    assert set(arts) == {"class_raster", "confidence", "geojson", "gpkg", "overlay"}
     assert not list((tmp_path / "out").glob(".*partial*"))  # temporaries removed
+    import json
+
+    import pyogrio
+
+    # The GeoPackage holds the same polygons as the GeoJSON, in the source CRS.
+    layer = pyogrio.read_info(arts["gpkg"])
+    n_geojson = len(json.loads(Path(arts["geojson"]).read_text())["features"])
+    assert layer["driver"] == "GPKG" and layer["features"] == n_geojson > 0
+    assert rasterio.crs.CRS.from_user_input(layer["crs"]) == UTM
     with rasterio.open(arts["class_raster"]) as ds:
         assert ds.crs == UTM and ds.transform.almost_equals(T10)
         assert ds.dtypes == ("uint8",) and ds.nodata == 255 and ds.count == 1
@@ -352,7 +361,7 @@ def test_write_instances_rasters_and_polygons(tmp_path, fmt):
     insts = [_instance(b, 1, 0.6), _instance(a, 2, 0.9), _instance(c, 1, 0.7)]
     with fmt.open(str(src_path)) as src:
         arts = {x.kind: x.path for x in fmt.write_instances(next(src.items()), insts, tmp_path / "o", NAMES, COLORS)}
-    assert set(arts) == {"instance_raster", "class_raster", "geojson"}
+    assert set(arts) == {"instance_raster", "class_raster", "geojson", "gpkg"}
     with rasterio.open(arts["instance_raster"]) as ds:
         assert ds.crs == UTM and ds.transform.almost_equals(T10) and ds.dtypes[0] == "uint16"
         ids = ds.read(1)

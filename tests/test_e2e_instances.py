@@ -56,7 +56,13 @@ def test_instance_job(blob_spec: Path, tmp_path: Path) -> None:
     assert by_name["scene.tif"]["instances"] == 2  # one instance per object despite the seams
     assert {"coco_json", "overlay"} <= set(by_name["blobs.png"]["artifacts"])
     geo = by_name["scene.tif"]
-    assert {"geojson", "instance_raster", "class_raster"} <= set(geo["artifacts"])
+    assert {"geojson", "gpkg", "instance_raster", "class_raster"} <= set(geo["artifacts"])
+    import pyogrio
+
+    layer = pyogrio.read_info(geo["artifacts"]["gpkg"])
+    assert layer["features"] == 2 and layer["driver"] == "GPKG" and "32618" in str(layer["crs"])
+    _, _, _, fields = pyogrio.raw.read(geo["artifacts"]["gpkg"], columns=["score"])
+    assert all(0.3 <= v <= 1 for v in fields[0])
     features = json.loads(Path(geo["artifacts"]["geojson"]).read_text())["features"]
     assert len(features) == 2 and all(0.3 <= f["properties"]["score"] <= 1 for f in features)
     xs = [x for f in features for ring in f["geometry"]["coordinates"] for x, _ in ring]

@@ -99,7 +99,7 @@ def test_split_job_is_mosaicked(tiny_models: Path, tmp_path: Path, monkeypatch: 
     assert out["status"] == "succeeded" and out["items_total"] == 2
     assert [i["meta"]["part"]["rows"] for i in out["items"]] == [[0, 512], [512, 700]]
     first = out["items"][0]["artifacts"]
-    assert {"full_class_raster", "full_geojson", "full_overlay"} <= set(first)
+    assert {"full_class_raster", "full_geojson", "full_gpkg", "full_overlay"} <= set(first)
     reference = one["items"][0]["artifacts"]["class_raster"]
     with rasterio.open(first["full_class_raster"]) as a, rasterio.open(reference) as b:
         assert a.transform == b.transform and a.crs == b.crs and (a.width, a.height) == (500, 700)
