@@ -11,8 +11,7 @@ Reports requests, throughput, p50/p90/p99/max latency and errors (non-200 answer
 
 Needs PostgreSQL (TILESEG_TEST_PG, default postgresql+psycopg://postgres@127.0.0.1:5432/test: a fresh
 database is created next to it and dropped afterwards) and Redis (TILESEG_TEST_REDIS, db 15 is used and
-flushed). With ``--api-workers 1`` the API runs exactly as ``tileseg api``; with more, as
-``uvicorn api.app:app --workers N`` (the CLI has no --workers option yet).
+flushed). The API runs as ``tileseg api --workers N``.
 """
 
 from __future__ import annotations
@@ -182,11 +181,7 @@ def main() -> None:
         tokens = _seed(args.owners, args.jobs_per_owner, 20)
         port = _free_port()
         logf = open(tmp / "api.log", "wb")  # noqa: SIM115 - closed with the process
-        if args.api_workers == 1:
-            cmd = [sys.executable, "-m", "core.cli", "api", "--port", str(port)]
-        else:
-            cmd = [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(port),
-                   "--workers", str(args.api_workers), "--log-level", "warning", "--no-access-log"]
+        cmd = [sys.executable, "-m", "core.cli", "api", "--port", str(port), "--workers", str(args.api_workers)]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT,
                                       start_new_session=True))
         writer_job = None
