@@ -9,6 +9,7 @@ imported inside tasks, i.e. in the forked child, never in the parent.
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready
@@ -86,9 +87,24 @@ def _after_fork(**_: object) -> None:
 
 
 @worker_ready.connect
-def _start_recovery(**_: object) -> None:
+def _start_recovery(sender: object = None, **_: object) -> None:
     # In the worker's main process: re-enqueue jobs whose messages the broker lost (see worker.recovery).
-    from worker.recovery import start_sweeper
+    # It runs on the worker's own event-loop timer, not in a thread: prefork forks new children from this
+    # process (recycling), and a fork while another thread holds a lock (logging, the DB pool) leaves the
+    # child deadlocked before it runs its first task.
+    from worker.recovery import recover_stalled_jobs, start_sweeper
 
     vt = get_settings().visibility_timeout
-    start_sweeper(interval=max(1.0, min(60.0, vt / 2)), stall_after=float(vt))
+    interval, stall_after = max(1.0, min(60.0, vt / 2)), float(vt)
+    timer = getattr(sender, "timer", None)
+    if timer is None or not hasattr(timer, "call_repeatedly"):
+        start_sweeper(interval=interval, stall_after=stall_after)
+        return
+
+    def sweep() -> None:
+        try:
+            recover_stalled_jobs(stall_after)
+        except Exception:  # noqa: BLE001 - the next round tries again; never kill the worker
+            logging.getLogger("worker.recovery").warning("recovery sweep failed", exc_info=True)
+
+    timer.call_repeatedly(interval, sweep)
