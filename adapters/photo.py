@@ -349,11 +349,11 @@ class PhotoMaskSink(MaskSink):
         mask_path = self.out_dir / f"{stem}_mask.png"
         png = Image.fromarray(self.classes, mode="P")
         png.putpalette(palette_bytes(self.colors))
-        png.save(mask_path, optimize=True)
+        png.save(mask_path, compress_level=6)  # optimize=True cost as much as the model
         overlay_path = self.out_dir / f"{stem}_overlay.png"
         rgb = self.item.read().transpose(1, 2, 0)
         ov = blend_overlay(rgb, self.classes, self.colors, skip=background_ids(self.class_names))
-        Image.fromarray(ov).save(overlay_path)
+        Image.fromarray(ov).save(overlay_path, compress_level=3)
         return [
             Artifact("mask_png", mask_path, "image/png"),
             Artifact("overlay", overlay_path, "image/png"),

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench._common import ROOT, append_result
+from _common import ROOT, append_result
 
 SAMPLES = ROOT / "samples" / "photos"
 
