@@ -49,6 +49,7 @@ from adapters.base import (
     Source,
     Window,
 )
+from adapters.photo import blend_overlay, palette_bytes
 
 __all__ = ["DICOM_MEDIA_TYPE", "DicomFormat", "DicomItem", "DicomMaskSink", "DicomSource"]
 
@@ -725,16 +726,9 @@ def _series_spacing(members: list[tuple[_Header, float | None]]) -> float | None
 # ---------------------------------------------------------------------------------------------------- sinks
 
 
-def _palette(colors: Sequence[tuple[int, int, int]]) -> list[int]:
-    pal = [0] * 768
-    for i, c in enumerate(colors[:255]):
-        pal[3 * i : 3 * i + 3] = [int(x) for x in c]
-    return pal
-
-
 def _write_mask_png(classes: np.ndarray, colors: Sequence[tuple[int, int, int]], path: Path) -> None:
     img = Image.fromarray(classes.astype(np.uint8), mode="P")
-    img.putpalette(_palette(colors))
+    img.putpalette(palette_bytes(colors))
     img.save(path, optimize=False)
 
 
@@ -742,19 +736,6 @@ def _background_ids(class_names: Sequence[str]) -> set[int]:
     """Classes that are not segments: those named "background"; if none is, class 0."""
     named = {i for i, n in enumerate(class_names) if n.strip().lower() in ("background", "bg", "_background_")}
     return named or {0}
-
-
-def _blend(base: np.ndarray, labels: np.ndarray, colors: Sequence[tuple[int, int, int]], skip: set[int]) -> np.ndarray:
-    """``base (H, W, 3) uint8`` with ``labels (H, W)`` painted at 45 % opacity (``skip`` ids left as is)."""
-    lut = np.zeros((256, 3), np.float32)
-    paint = np.zeros(256, bool)
-    for i, c in enumerate(colors[:255]):
-        lut[i] = c
-        paint[i] = i not in skip
-    sel = paint[labels]
-    out = base.astype(np.float32)
-    out[sel] = (1 - _OVERLAY_ALPHA) * out[sel] + _OVERLAY_ALPHA * lut[labels[sel]]
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 def _item_stem(item: Item) -> str:
@@ -795,7 +776,8 @@ class DicomMaskSink(MaskSink):
         _write_mask_png(self.classes, self.colors, mask_path)
         base = self.item.preview(max_size=max(self.item.info.height, self.item.info.width))
         skip = _background_ids(self.class_names) | {NODATA}
-        Image.fromarray(_blend(base, self.classes, self.colors, skip)).save(overlay_path)
+        Image.fromarray(blend_overlay(base, self.classes, self.colors, skip=skip, alpha=_OVERLAY_ALPHA)).save(
+            overlay_path)
         return [Artifact("mask_png", mask_path, "image/png"), Artifact("overlay", overlay_path, "image/png")]
 
 
