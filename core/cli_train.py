@@ -46,6 +46,9 @@ train = click.Group("train", help="Train models.")
 def train_unet_command(export_dir: str | None, name: str, **kw) -> None:
     """Train a semantic U-Net on DIR with a deterministic held-out validation split."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Under the main `tileseg` group the root logger is already configured at WARNING, which makes the
+    # basicConfig above a no-op; the per-epoch progress lines must still reach the console.
+    logging.getLogger("pipelines").setLevel(logging.INFO)
     from adapters.base import AdapterError
     from pipelines.train import TrainConfig, train_unet
 
