@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from _common import ROOT, append_result
+from PIL import Image
 
 SAMPLES = ROOT / "samples" / "photos"
 
