@@ -191,7 +191,7 @@ def _error(request: Request, status_code: int, message: str, viewer: Principal |
 def _viewer(request: Request) -> Principal:
     """The caller, or a 303 to the login page (with ``next``) when there is no valid token or cookie."""
     try:
-        return auth.current_principal(request)
+        return auth.resolve_principal(request)
     except HTTPException as exc:
         if exc.status_code != 401:
             raise

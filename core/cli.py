@@ -417,6 +417,8 @@ def worker(concurrency: int | None, pool: str, loglevel: str, celery_args: tuple
     from worker.app import app
 
     s = get_settings()
+    if s.worker_nice and hasattr(os, "nice"):
+        os.nice(s.worker_nice)  # inherited by the prefork children
     argv = ["worker", f"--pool={pool}", f"--loglevel={loglevel}", "-Q", "tileseg",
             f"--concurrency={concurrency or s.worker_concurrency}", "--without-gossip", "--without-mingle",
             *celery_args]
@@ -433,8 +435,9 @@ def api(host: str | None, port: int | None, workers: int) -> None:
 
     ensure_schema()
     s = get_settings()
+    # No access log: at hundreds of polls a second, formatting it costs more CPU than answering.
     uvicorn.run("api.app:app", host=host or s.api_host, port=port or s.api_port, log_level="warning",
-                workers=workers)
+                access_log=False, workers=workers)
 
 
 def _register_optional() -> None:

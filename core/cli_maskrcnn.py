@@ -16,7 +16,11 @@ __all__ = ["maskrcnn"]
 
 @click.command("maskrcnn")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Folder laid out like oxford_pets (images/, trimaps/, annotations/*.txt).")
+              help="pets: a folder laid out like oxford_pets (images/, trimaps/, annotations/*.txt); "
+                   "buildings: the shared data root (spacenet1_rio_buildings/, satellite_labeled/).")
+@click.option("--dataset", default="pets", show_default=True, type=click.Choice(["pets", "buildings"]),
+              help="buildings: one class, FPN levels 2-5 and anchors sized to 0.5 m houses, Rio tiles split "
+                   "as the buildings-rgb model's (img53, img64 held out).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
               help="Run folder (config.json, ckpt/, history.csv); put it under runs/.")
 @click.option("--steps", default=3000, show_default=True, type=click.IntRange(1), help="Total training steps.")
@@ -30,18 +34,18 @@ __all__ = ["maskrcnn"]
 @click.option("--val-fraction", default=0.15, show_default=True, type=click.FloatRange(0.01, 0.9),
               help="Held-out share (the same names as `train unet` holds out).")
 @click.option("--mosaic-prob", default=0.5, show_default=True, type=click.FloatRange(0, 1),
-              help="Share of samples that are 2-4 pet mosaics.")
+              help="pets: share of samples that are 2-4 pet mosaics.")
 @click.option("--copy-paste-prob", default=0.3, show_default=True, type=click.FloatRange(0, 1),
-              help="Chance one more pet is cut out and pasted onto a sample.")
+              help="pets: chance one more pet is cut out and pasted onto a sample.")
 @click.option("--checkpoint-every", default=250, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False),
               help="After training, write saved_model/, spec.json, metrics.json, training_curve.png here.")
-@click.option("--name", default="maskrcnn-pets", show_default=True, help="Model name for --export.")
+@click.option("--name", default=None, help="Model name for --export [default: maskrcnn-<dataset>].")
 @click.option("--no-eval", is_flag=True, help="With --export: skip the held-out COCO evaluation.")
-def maskrcnn(export_dir: str | None, name: str, no_eval: bool, size: int, **kw) -> None:
-    """Train a Mask R-CNN (Model Garden, backbone from scratch) on the pets' training split.
+def maskrcnn(export_dir: str | None, name: str | None, no_eval: bool, size: int, dataset: str, **kw) -> None:
+    """Train a Mask R-CNN (Model Garden, backbone from scratch) on the pets' or the buildings' training split.
 
     With --resume and --steps no higher than the checkpoint's step, only exports.
     """
@@ -55,7 +59,12 @@ def maskrcnn(export_dir: str | None, name: str, no_eval: bool, size: int, **kw) 
         raise click.ClickException(f"{e}; install the training extra: pip install 'tileseg[train]'") from e
     from adapters.base import AdapterError
 
-    cfg = MaskRCNNConfig(size=size, **kw)
+    if dataset == "buildings":
+        kw.pop("mosaic_prob"), kw.pop("copy_paste_prob")
+        cfg = MaskRCNNConfig.for_buildings(size=size, **kw)
+    else:
+        cfg = MaskRCNNConfig(size=size, **kw)
+    name = name or f"maskrcnn-{dataset}"
     try:
         run = train_maskrcnn(cfg)
         click.echo(f"run folder: {run}")

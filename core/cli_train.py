@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -96,7 +97,7 @@ def pseudo_label_command(model: str, data: str, out: str, threshold: float, tta:
 @click.option("--data", "data", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder laid out like oxford_pets.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-@click.option("--split", type=click.Choice(["val", "all"]), default="all", show_default=True,
+@click.option("--split", type=click.Choice(["val", "test", "all"]), default="all", show_default=True,
               help="'val': only the deterministic held-out names (as in training).")
 @click.option("--val-fraction", default=0.15, show_default=True, type=click.FloatRange(0.01, 0.9))
 @click.option("--mode", type=click.Choice(["resize", "tile"]), default=None,
@@ -106,10 +107,13 @@ def pseudo_label_command(model: str, data: str, out: str, threshold: float, tta:
               help="class id = trimap value - offset.")
 def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction: float, mode: str | None,
                  tta: bool, label_offset: int) -> None:
-    """Score a model on a labeled folder laid out like oxford_pets.
+    """Score a model on a labeled folder.
 
-    Semantic models: pixel accuracy, mean IoU, per-class Dice and IoU. Instance models: COCO mask AP, AP50,
-    AP75 and box AP (pycocotools), pets matched to the model's classes by name (cat, dog).
+    Layouts: oxford_pets (images/, trimaps/, annotations/); spacenet1_rio_buildings (images/*.tif,
+    masks/*.tif 0/255); medical_ct_totalsegmentator (dicom_ct/*.dcm, png/labels/*.png). Semantic models:
+    pixel accuracy, mean IoU, per-class Dice and IoU. Instance models: COCO mask AP, AP50, AP75 and box AP
+    (pycocotools). --split test/val on the two domain layouts: the tiles/slices the shipped domain models
+    hold out (test) or validated on (val); all: every image in the folder.
     """
     from adapters.base import AdapterError
     from pipelines.evaluate import evaluate_folder, resolve_model
@@ -119,6 +123,13 @@ def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction:
         spec = resolve_model(model)
     except (ModelNotFound, ValueError) as e:
         raise click.ClickException(str(e)) from e
+    layout = _layout(Path(data))
+    if layout != "pets":
+        _eval_domain(spec, Path(data), layout, split, as_json)
+        return
+    if split == "test":
+        raise click.BadParameter("oxford_pets folders have no test split here: use val or all",
+                                 param_hint="--split")
     if spec.kind == "instance":
         _eval_instances(spec, data, as_json, split, val_fraction)
         return
@@ -138,6 +149,63 @@ def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction:
     click.echo(f"{'class':<14}{'dice':>8}{'iou':>8}")
     for cname, s in report["per_class"].items():
         click.echo(f"{cname:<14}{s['dice']:>8.4f}{s['iou']:>8.4f}")
+
+
+def _layout(folder: Path) -> str:
+    if (folder / "trimaps").is_dir() or (folder / "annotations").is_dir():
+        return "pets"
+    if (folder / "images").is_dir() and (folder / "masks").is_dir():
+        return "buildings"
+    if (folder / "dicom_ct").is_dir():
+        return "ct"
+    raise click.BadParameter(f"{folder}: not a known layout (oxford_pets: images/ + trimaps/; buildings: "
+                             "images/ + masks/; CT: dicom_ct/ + png/labels/)", param_hint="--data")
+
+
+def _eval_domain(spec, folder: Path, layout: str, split: str, as_json: bool) -> None:  # noqa: ANN001
+    from adapters.base import AdapterError
+    from pipelines import domains
+
+    if layout == "buildings":
+        names = (sorted(p.stem for p in (folder / "images").glob("*.tif")) if split == "all"
+                 else list(domains.RIO_SPLIT[split]))
+    else:
+        names = (sorted(p.stem for p in (folder / "dicom_ct").glob("*.dcm")) if split == "all"
+                 else list(domains.CT_SPLIT[split]))
+    try:
+        if spec.kind == "instance":
+            if layout != "buildings":
+                raise click.ClickException("instance models are evaluated on buildings or pets folders")
+            from pipelines.building_instances import evaluate_building_scenes, scenes_from_folder
+            from pipelines.registry import load
+
+            metrics = evaluate_building_scenes(load(spec), scenes_from_folder(folder, names))
+            report = {"model": spec.name, "kind": "instance", "layout": layout, "split": split,
+                      "names": names, **metrics}
+        elif layout == "buildings":
+            report = {"model": spec.name, "layout": layout, "split": split, "names": names,
+                      **domains.evaluate_buildings(spec.name if spec.spec_path is None else spec.spec_path.parent,
+                                                   names, folder=folder)}
+        else:
+            report = {"model": spec.name, "layout": layout, "split": split, "names": names,
+                      **domains.evaluate_ct(spec.name if spec.spec_path is None else spec.spec_path.parent,
+                                            names, folder=folder)}
+    except (AdapterError, ValueError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"model {spec.name}  layout {layout}  split {split}  images {len(names)}")
+    if spec.kind == "instance":
+        for k in ("mask_ap", "mask_ap50", "mask_ap75", "box_ap", "box_ap50", "box_ap75"):
+            v = report.get(k)
+            click.echo(f"{k:<12}{'-' if v is None else f'{v:.4f}'}")
+        return
+    click.echo(f"pixel accuracy {report['pixel_accuracy']:.4f}   mean IoU {report['mean_iou']:.4f}")
+    click.echo(f"{'class':<14}{'dice':>8}{'iou':>8}")
+    for c in report["per_class"]:
+        dice, iou = ("-" if c[k] is None else f"{c[k]:.4f}" for k in ("dice", "iou"))
+        click.echo(f"{c['name']:<14}{dice:>8}{iou:>8}")
 
 
 def _eval_instances(spec, data: str, as_json: bool, split: str, val_fraction: float) -> None:  # noqa: ANN001

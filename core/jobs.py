@@ -13,10 +13,11 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from core.models import TERMINAL_ITEM, ClassMetric, InstanceRow, Item, ItemStatus, Job, JobStatus, utcnow
@@ -319,6 +320,72 @@ def get_job(session: Session, job_id: uuid.UUID, owner: str | None = None) -> Jo
     if job is None or (owner is not None and job.owner != owner):
         return None
     return job
+
+
+#: A job's public summary (the API's ``JobOut``), selected as plain Core rows: status polling is the hottest
+#: query of the service, and ORM objects, sessions and per-call statement building cost more than the query.
+_JOBS = Job.__table__
+SUMMARY_COLUMNS = tuple(_JOBS.c[n] for n in (
+    "id", "owner", "pipeline", "options", "status", "items_total", "items_done", "items_failed", "error",
+    "created_at", "started_at", "finished_at"))
+_BY_ID = select(*SUMMARY_COLUMNS).where(_JOBS.c.id == bindparam("job_id"))
+_BY_ID_WITH_INPUTS = select(*SUMMARY_COLUMNS, _JOBS.c.inputs).where(_JOBS.c.id == bindparam("job_id"))
+_SUMMARY_STATEMENTS = {
+    (False, False): _BY_ID,
+    (False, True): _BY_ID.where(_JOBS.c.owner == bindparam("owner")),
+    (True, False): _BY_ID_WITH_INPUTS,
+    (True, True): _BY_ID_WITH_INPUTS.where(_JOBS.c.owner == bindparam("owner")),
+}
+
+
+def _summary(row: Any) -> dict[str, Any]:
+    d = dict(row)
+    d["options"] = d["options"] or {}
+    total = d["items_total"]
+    d["progress"] = round(d["items_done"] / total, 4) if total else 0.0
+    return d
+
+
+def job_summary(conn: Connection | Session, job_id: uuid.UUID, owner: str | None = None, *,
+                inputs: bool = False) -> dict[str, Any] | None:
+    """One job's summary dict (``inputs`` adds the submitted inputs) in one SELECT, or None if it does not
+    exist or belongs to someone else (``owner`` None = any). ``conn``: a Core connection or a session."""
+    stmt = _SUMMARY_STATEMENTS[(inputs, owner is not None)]
+    params: dict[str, Any] = {"job_id": job_id} if owner is None else {"job_id": job_id, "owner": owner}
+    row = conn.execute(stmt, params).mappings().first()
+    return None if row is None else _summary(row)
+
+
+@cache
+def _list_statement(by_owner: bool, by_status: bool, by_since: bool) -> Any:
+    q = select(*SUMMARY_COLUMNS, func.count().over().label("_total"))
+    if by_owner:
+        q = q.where(_JOBS.c.owner == bindparam("owner"))
+    if by_status:
+        q = q.where(_JOBS.c.status == bindparam("status"))
+    if by_since:
+        q = q.where(_JOBS.c.created_at >= bindparam("since"))
+    return q.order_by(_JOBS.c.created_at.desc()).limit(bindparam("limit")).offset(bindparam("offset"))
+
+
+def list_job_summaries(conn: Connection | Session, *, owner: str | None = None, status: str | None = None,
+                       since: datetime | None = None, limit: int = 50, offset: int = 0
+                       ) -> tuple[list[dict[str, Any]], int]:
+    """Like :func:`list_jobs` but summary dicts, newest first, with the total from the same query
+    (a window count); a second COUNT runs only when the page is past the end."""
+    params = {"owner": owner, "status": status, "since": since, "limit": limit, "offset": offset}
+    stmt = _list_statement(owner is not None, bool(status), since is not None)
+    rows = conn.execute(stmt, params).mappings().all()
+    if rows:
+        return [_summary({k: v for k, v in r.items() if k != "_total"}) for r in rows], rows[0]["_total"]
+    q = select(func.count()).select_from(_JOBS)
+    if owner is not None:
+        q = q.where(_JOBS.c.owner == owner)
+    if status:
+        q = q.where(_JOBS.c.status == status)
+    if since is not None:
+        q = q.where(_JOBS.c.created_at >= since)
+    return [], conn.execute(q).scalar() or 0
 
 
 def list_jobs(session: Session, *, owner: str | None = None, status: str | None = None,

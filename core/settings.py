@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = 1
     worker_max_tasks_per_child: int = 200
     worker_max_memory_per_child_kb: int = 6_000_000
+    #: Scheduling priority added to `tileseg worker` processes (0-19, Unix nice). Batch inference yields the
+    #: CPU to the API and database when they share a host, and loses nothing when it runs alone.
+    worker_nice: int = Field(default=10, ge=0, le=19)
     #: Task retries for transient errors (database/broker hiccups).
     task_max_retries: int = 5
     #: Seconds a delivered-but-unacknowledged task waits before redelivery (Redis visibility timeout).

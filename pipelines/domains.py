@@ -681,14 +681,17 @@ def _report(confusion: np.ndarray, names: Sequence[str], per_image: dict) -> dic
 
 
 def evaluate_buildings(model_dir: str | Path, names: Sequence[str] = RIO_SPLIT["test"],
-                       data_root: str | Path | None = None) -> dict:
+                       data_root: str | Path | None = None, *, folder: str | Path | None = None) -> dict:
     """Per-class Dice/IoU of a buildings model on whole Rio tiles, read through the GeoTIFF adapter and
-    segmented by the service's runner (tiles, blending, resampling to the model's resolution)."""
+    segmented by the service's runner (tiles, blending, resampling to the model's resolution).
+
+    ``folder``: a folder laid out like ``spacenet1_rio_buildings`` (``images/NAME.tif``, ``masks/NAME.tif``
+    0/255 on the same grid); default the shared data's."""
     from adapters.geotiff import GeoTiffFormat
     from pipelines import registry
 
     model = registry.load(registry.get_spec(str(model_dir)))
-    root = _data_root(data_root) / "spacenet1_rio_buildings"
+    root = Path(folder) if folder is not None else _data_root(data_root) / "spacenet1_rio_buildings"
     k = len(model.spec.classes)
     total = np.zeros((k, k), np.int64)
     per_image = {}
@@ -710,12 +713,15 @@ def evaluate_buildings(model_dir: str | Path, names: Sequence[str] = RIO_SPLIT["
 
 
 def evaluate_ct(model_dir: str | Path, names: Sequence[str] = CT_SPLIT["test"],
-                data_root: str | Path | None = None) -> dict:
-    """Per-class Dice/IoU of a CT model on whole 512x512 slices read through the DICOM adapter."""
+                data_root: str | Path | None = None, *, folder: str | Path | None = None) -> dict:
+    """Per-class Dice/IoU of a CT model on whole 512x512 slices read through the DICOM adapter.
+
+    ``folder``: laid out like ``medical_ct_totalsegmentator`` (``dicom_ct/NAME.dcm``,
+    ``png/labels/NAME.png`` TotalSegmentator ids); default the shared data's."""
     from pipelines import registry
 
     model = registry.load(registry.get_spec(str(model_dir)))
-    root = _data_root(data_root) / "medical_ct_totalsegmentator"
+    root = Path(folder) if folder is not None else _data_root(data_root) / "medical_ct_totalsegmentator"
     k = len(model.spec.classes)
     total = np.zeros((k, k), np.int64)
     per_image = {}

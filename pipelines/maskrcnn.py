@@ -71,6 +71,9 @@ class MaskRCNNConfig:
 
     data_dir: str
     out: str
+    #: ``pets``: ``data_dir`` laid out like oxford_pets (cat, dog). ``buildings``: ``data_dir`` is the shared
+    #: data root (``spacenet1_rio_buildings``, ``satellite_labeled``); one class, building.
+    dataset: Literal["pets", "buildings"] = "pets"
     backbone: Literal["mobilenetv2", "resnet18"] = "mobilenetv2"
     #: Square training/serving canvas (px). Pets fill most of a 256 px photo.
     size: int = 256
@@ -94,12 +97,36 @@ class MaskRCNNConfig:
     fpn_filters: int = 128
     head_filters: int = 128
     fc_dims: int = 512
+    #: Proposals kept per image in training / at test time, ROIs sampled per image, mask targets per image,
+    #: detections per call. Pets: one to four per image; buildings: up to ~100 per 256 px crop.
+    num_proposals: int = 200
+    test_num_proposals: int = 100
+    num_sampled_rois: int = 128
+    num_sampled_masks: int = 32
+    max_detections: int = 20
     checkpoint_every: int = 250
     log_every: int = 20
     resume: bool = False
 
     def run_dir(self) -> Path:
         return Path(self.out)
+
+    @property
+    def classes(self) -> dict[int, str]:
+        if self.dataset == "buildings":
+            from pipelines.building_instances import BUILDING_INSTANCE_CLASSES
+
+            return BUILDING_INSTANCE_CLASSES
+        return CLASSES
+
+    @classmethod
+    def for_buildings(cls, data_dir: str, out: str, **kw: Any) -> MaskRCNNConfig:
+        """Defaults sized to buildings at 0.5 m: 8-40 px houses, dozens per crop. FPN levels 2-5 with
+        base anchors 3 * (4..32) = 12..96 px, more proposals, ROIs, mask targets and detections."""
+        base = dict(dataset="buildings", min_level=2, max_level=5, anchor_size=3.0, max_instances=100,
+                    num_proposals=500, test_num_proposals=300, num_sampled_rois=256, num_sampled_masks=64,
+                    max_detections=100, mosaic_prob=0.0, copy_paste_prob=0.0)
+        return cls(data_dir=data_dir, out=out, **{**base, **kw})
 
 
 def build_task_config(cfg: MaskRCNNConfig) -> Any:
@@ -118,7 +145,7 @@ def build_task_config(cfg: MaskRCNNConfig) -> Any:
     else:
         raise ValueError(f"unknown backbone {cfg.backbone!r}; use mobilenetv2 or resnet18")
     model = mcfg.MaskRCNN(
-        num_classes=len(CLASSES) + 1,
+        num_classes=len(cfg.classes) + 1,
         input_size=[cfg.size, cfg.size, 3],
         min_level=cfg.min_level,
         max_level=cfg.max_level,
@@ -130,12 +157,15 @@ def build_task_config(cfg: MaskRCNNConfig) -> Any:
         detection_head=mcfg.DetectionHead(num_convs=0, num_filters=cfg.head_filters, num_fcs=2,
                                           fc_dims=cfg.fc_dims),
         # Few objects per image: far fewer proposals and sampled ROIs than COCO needs (and much faster).
-        roi_generator=mcfg.ROIGenerator(pre_nms_top_k=1000, num_proposals=200, test_pre_nms_top_k=500,
-                                        test_num_proposals=100),
-        roi_sampler=mcfg.ROISampler(num_sampled_rois=128, foreground_fraction=0.25),
+        roi_generator=mcfg.ROIGenerator(pre_nms_top_k=max(1000, 2 * cfg.num_proposals),
+                                        num_proposals=cfg.num_proposals,
+                                        test_pre_nms_top_k=max(500, 2 * cfg.test_num_proposals),
+                                        test_num_proposals=cfg.test_num_proposals),
+        roi_sampler=mcfg.ROISampler(num_sampled_rois=cfg.num_sampled_rois, foreground_fraction=0.25),
         mask_head=mcfg.MaskHead(num_convs=2, num_filters=cfg.head_filters),
-        mask_sampler=mcfg.MaskSampler(num_sampled_masks=32),
-        detection_generator=mcfg.DetectionGenerator(pre_nms_top_k=500, max_num_detections=20,
+        mask_sampler=mcfg.MaskSampler(num_sampled_masks=cfg.num_sampled_masks),
+        detection_generator=mcfg.DetectionGenerator(pre_nms_top_k=max(500, 2 * cfg.test_num_proposals),
+                                                    max_num_detections=cfg.max_detections,
                                                     pre_nms_score_threshold=0.01),
         norm_activation=common.NormActivation(norm_momentum=0.99, norm_epsilon=1e-3, use_sync_bn=False,
                                               activation="relu"),
@@ -331,7 +361,24 @@ class SampleGenerator:
             }
 
 
-def _dataset(cfg: MaskRCNNConfig, pets: Sequence[PetInstance], task_config: Any):
+def _samples(cfg: MaskRCNNConfig, split: str = "train") -> Iterator[dict[str, np.ndarray]]:
+    """The training sample stream of ``cfg.dataset`` (decoder-layout dicts, see :class:`SampleGenerator`)."""
+    if cfg.dataset == "buildings":
+        from pipelines.building_instances import BuildingCropGenerator, load_building_scenes
+
+        scenes = load_building_scenes(split, cfg.data_dir)
+        log.info("training on %d scenes with %d buildings", len(scenes), sum(s.count for s in scenes))
+        return iter(BuildingCropGenerator(scenes, cfg.size, max_instances=cfg.max_instances, seed=cfg.seed))
+    train_names, val_names = _split(cfg.data_dir, cfg.val_fraction)
+    pets = load_pets(cfg.data_dir, train_names)
+    if not pets:
+        raise AdapterError(f"{cfg.data_dir}: no training photos with trimaps")
+    log.info("training on %d pets (%d held out)", len(pets), len(val_names))
+    return iter(SampleGenerator(pets, cfg.size, mosaic_prob=cfg.mosaic_prob, copy_paste_prob=cfg.copy_paste_prob,
+                                max_instances=cfg.max_instances, seed=cfg.seed))
+
+
+def _dataset(cfg: MaskRCNNConfig, samples: Iterator[dict[str, np.ndarray]], task_config: Any):
     """``tf.data`` of ``(images (B, S, S, 3) float32, labels)`` through the Model Garden's train parser."""
     import tensorflow as tf
     from official.vision.dataloaders import maskrcnn_input
@@ -343,8 +390,6 @@ def _dataset(cfg: MaskRCNNConfig, pets: Sequence[PetInstance], task_config: Any)
         aug_rand_hflip=True, aug_scale_min=0.8, aug_scale_max=1.25, max_num_instances=cfg.max_instances,
         include_mask=True, mask_crop_size=112, dtype="float32",
     )
-    gen = SampleGenerator(pets, cfg.size, mosaic_prob=cfg.mosaic_prob, copy_paste_prob=cfg.copy_paste_prob,
-                          max_instances=cfg.max_instances, seed=cfg.seed)
     sig = {
         "image": tf.TensorSpec([None, None, 3], tf.uint8),
         "groundtruth_boxes": tf.TensorSpec([None, 4], tf.float32),
@@ -352,7 +397,7 @@ def _dataset(cfg: MaskRCNNConfig, pets: Sequence[PetInstance], task_config: Any)
         "groundtruth_instance_masks": tf.TensorSpec([None, None, None], tf.float32),
         "groundtruth_is_crowd": tf.TensorSpec([None], tf.bool),
     }
-    ds = tf.data.Dataset.from_generator(lambda: iter(gen), output_signature=sig)
+    ds = tf.data.Dataset.from_generator(lambda: samples, output_signature=sig)
     ds = ds.map(parser._parse_train_data, num_parallel_calls=1)
     return ds.batch(cfg.batch_size, drop_remainder=True).prefetch(2)
 
@@ -403,11 +448,7 @@ def train_maskrcnn(cfg: MaskRCNNConfig) -> Path:
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     tf.random.set_seed(cfg.seed)
 
-    train_names, val_names = _split(cfg.data_dir, cfg.val_fraction)
-    pets = load_pets(cfg.data_dir, train_names)
-    if not pets:
-        raise AdapterError(f"{cfg.data_dir}: no training photos with trimaps")
-    log.info("training on %d pets (%d held out)", len(pets), len(val_names))
+    samples = _samples(cfg)
 
     task_config = build_task_config(cfg)
     task = MaskRCNNTask(task_config)
@@ -442,7 +483,7 @@ def train_maskrcnn(cfg: MaskRCNNConfig) -> Path:
         writer = csv.writer(f)
         if new_file:
             writer.writerow(["step", "seconds", "lr", *keys])
-        for images, labels in _dataset(cfg, pets, task_config):
+        for images, labels in _dataset(cfg, samples, task_config):
             step = int(step_var.numpy())
             if step >= cfg.steps:
                 break
@@ -493,11 +534,10 @@ def recalibrate_batchnorm(model: Any, cfg: MaskRCNNConfig, *, batches: int = 20,
     import tf_keras
 
     bns = [m for m in model.submodules if isinstance(m, tf_keras.layers.BatchNormalization)]
-    train_names, _ = _split(cfg.data_dir, cfg.val_fraction)
     calib = MaskRCNNConfig(**{**asdict(cfg), "mosaic_prob": 0.0, "copy_paste_prob": 0.0, "seed": seed})
     from official.vision.tasks.maskrcnn import MaskRCNNTask  # noqa: F401  (registers the Model Garden parts)
 
-    it = iter(_dataset(calib, load_pets(cfg.data_dir, train_names), build_task_config(calib)))
+    it = iter(_dataset(calib, _samples(calib), build_task_config(calib)))
     old = [b.momentum for b in bns]
     try:
         for k in range(batches):
@@ -578,6 +618,24 @@ def write_model_folder(folder: str | Path, cfg: MaskRCNNConfig, *, name: str = "
     from pipelines.spec import ClassSpec, ModelSpec
 
     folder = Path(folder)
+    if cfg.dataset == "buildings":
+        # Tiles at the training canvas and native 0.5 m: the detector sees what it was trained on, and
+        # scenes larger than one tile go through the tiled path with seam merging.
+        from pipelines.domains import BUILDINGS_RES_M
+
+        spec = ModelSpec(
+            name=name, kind="instance", source="saved_model", source_format="savedmodel",
+            description=description or (
+                f"tileseg's own Mask R-CNN for building footprints ({cfg.backbone} + FPN, Model Garden), "
+                f"trained from scratch on SpaceNet tiles at {BUILDINGS_RES_M} m, {cfg.size} px tiles; "
+                "see MODEL_CARD.md."),
+            classes=[ClassSpec(id=1, name="building", color=(255, 215, 0))],
+            channels=3, input_size=cfg.size, mode="tile", overlap=cfg.size // 4, batch_size=1,
+            ground_resolution_m=BUILDINGS_RES_M, score_threshold=score_threshold,
+            max_detections=cfg.max_detections,
+        )
+        spec.to_file(folder / "spec.json")
+        return folder / "spec.json"
     spec = ModelSpec(
         name=name, kind="instance", source="saved_model", source_format="savedmodel",
         description=description or (
@@ -709,7 +767,16 @@ def export_run(run_dir: str | Path, folder: str | Path, *, name: str = "maskrcnn
         write_training_curve(run_dir / "history.csv", folder / "training_curve.png")
     report: dict[str, Any] = {"model": name, "steps": step, "backbone": cfg.backbone, "size": cfg.size,
                               "batch_size": cfg.batch_size, "bn_recalibration_batches": bn_batches}
-    if evaluate:
+    if evaluate and cfg.dataset == "buildings":
+        from pipelines.building_instances import evaluate_building_scenes, load_building_scenes
+        from pipelines.instances import load_instance_model
+        from pipelines.spec import ModelSpec
+
+        loaded = load_instance_model(ModelSpec.from_file(folder / "spec.json"))
+        for split in ("val", "test"):
+            report[split] = evaluate_building_scenes(loaded, load_building_scenes(split, cfg.data_dir))
+        (folder / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    elif evaluate:
         report["val"] = evaluate_model_folder(folder, cfg.data_dir, val_fraction=cfg.val_fraction)
         report["val_class_agnostic"] = evaluate_class_agnostic(folder, cfg.data_dir,
                                                                val_fraction=cfg.val_fraction)

@@ -83,6 +83,14 @@ def test_job_through_api_with_two_workers(tiny_models: Path, photo_dir: Path, pg
 
         # Items record which worker process did them (hostname:pid), for operators tracing a result.
         assert all(":" in i["meta"]["processed_by"] for i in items if i["status"] == "succeeded")
+
+        # Workers yield the CPU to the API (TILESEG_WORKER_NICE, default 10), their prefork children too.
+        base_nice = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, procs[0].pid) == base_nice
+        for i in items:
+            if i["status"] == "succeeded":
+                pid = int(i["meta"]["processed_by"].rsplit(":", 1)[1])
+                assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, base_nice + 10)
     finally:
         for p in procs:
             stop_process(p)
