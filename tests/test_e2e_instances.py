@@ -25,7 +25,8 @@ def blob_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ts_env: dict[str,
     spec = {"name": "blobs", "kind": "instance", "source": "saved", "source_format": "savedmodel",
             "classes": [{"id": 1, "name": "red-thing", "color": [255, 0, 0]},
                         {"id": 2, "name": "green-thing", "color": [0, 255, 0]}],
-            "input_size": 96, "overlap": 16, "score_threshold": 0.3, "max_detections": 20}
+            "input_size": 96, "overlap": 16, "score_threshold": 0.3, "max_detections": 20,
+            "ground_resolution_m": 0.25}
     (folder / "spec.json").write_text(json.dumps(spec))
     monkeypatch.setenv("TILESEG_MODEL_DIRS", str(models))
     reset_all()
@@ -56,6 +57,9 @@ def test_instance_job(blob_spec: Path, tmp_path: Path) -> None:
     assert by_name["scene.tif"]["instances"] == 2  # one instance per object despite the seams
     assert {"coco_json", "overlay"} <= set(by_name["blobs.png"]["artifacts"])
     geo = by_name["scene.tif"]
+    # Instance models run on the input's own pixels; a 0.5 m raster for a 0.25 m model is flagged.
+    assert any("differs from the 0.25 m" in w for w in geo["meta"]["warnings"]), geo["meta"]
+    assert not by_name["blobs.png"]["meta"].get("warnings")
     assert {"geojson", "gpkg", "instance_raster", "class_raster"} <= set(geo["artifacts"])
     import pyogrio
 

@@ -314,6 +314,9 @@ def _run_one(job_id: uuid.UUID, t: tuple, model: Any, options: dict[str, Any]) -
             from pipelines.instances import detect_item, instance_figures
 
             spec = model.spec
+            note = _instance_resolution_note(item, spec)
+            if note:
+                meta = {**meta, "warnings": [*meta.get("warnings", []), note]}
             found = detect_item(item, model, tile=spec.input_size, overlap=spec.overlap,
                                 score_threshold=float(options.get("score_threshold", spec.score_threshold)),
                                 max_detections=int(options.get("max_detections", spec.max_detections)))
@@ -338,6 +341,24 @@ def _run_one(job_id: uuid.UUID, t: tuple, model: Any, options: dict[str, Any]) -
         raise
     except Exception as exc:  # noqa: BLE001 - classified in _handle_error
         return _handle_error(job_id, item_id, exc)
+
+
+def _instance_resolution_note(item: Any, spec: Any) -> str | None:
+    """A warning when a georeferenced item's ground resolution differs from an instance model's by > 25 %.
+
+    Instance models run at the item's native pixels (masks and polygons stay exact on its grid); object
+    sizes then differ from what the detector learned, which users should know when reading the results.
+    """
+    if not spec.ground_resolution_m or not item.info.crs_wkt:
+        return None
+    from pipelines.domains import ground_resolution_m
+
+    res = ground_resolution_m(item.info)
+    if res is None or abs(res / spec.ground_resolution_m - 1) <= 0.25:
+        return None
+    return (f"ground resolution {res:.2f} m differs from the {spec.ground_resolution_m} m model "
+            f"{spec.name} was trained at; instance models run at the input's own pixels, so objects look "
+            f"{spec.ground_resolution_m / res:.2f}x their trained size")
 
 
 def _run_semantic_batch(job_id: uuid.UUID, batch: Sequence[tuple], model: Any, options: dict[str, Any]) -> bool:
