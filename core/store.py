@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,25 @@ class ArtifactStore:
         if not self.local:
             return None
         return Path(uri)
+
+    def remove_stale_parts(self, max_age_s: float = 6 * 3600) -> int:
+        """Delete ``.part-*`` temp files older than ``max_age_s`` (left by a worker killed mid-copy) and
+        return how many. Local stores only: object-store PUTs leave no partial objects. Final artifacts are
+        never touched (they are renamed into place whole)."""
+        if not self.local:
+            return 0
+        cutoff = time.time() - max_age_s
+        removed = 0
+        for dirpath, _dirs, files in os.walk(self._root_path):
+            for name in files:
+                if not name.startswith(".part-"):
+                    continue
+                path = os.path.join(dirpath, name)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                        removed += 1
+        return removed
 
     def delete_prefix(self, key_prefix: str) -> None:
         path = f"{self._root_path}/{key_prefix}"

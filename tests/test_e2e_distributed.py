@@ -49,6 +49,11 @@ def test_job_through_api_with_two_workers(tiny_models: Path, photo_dir: Path, pg
     made = subprocess.run([sys.executable, "-m", "core.cli", "token", "create", "alice", "--json"], env=env, cwd=REPO,
                           capture_output=True, text=True, check=True)
     auth = {"Authorization": f"Bearer {json.loads(made.stdout)['token']}"}
+    # A temp file a killed worker left mid-copy: the workers remove it at start (it is older than an hour).
+    stale = tmp_path / "store" / "jobs" / "old" / ".part-killed"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half an artifact")
+    os.utime(stale, (time.time() - 7 * 3600, time.time() - 7 * 3600))
     port = free_port()
     procs = [start_process(["api", "--port", str(port)], env, tmp_path / "api.log")]
     for n in range(2):
@@ -83,6 +88,8 @@ def test_job_through_api_with_two_workers(tiny_models: Path, photo_dir: Path, pg
 
         # Items record which worker process did them (hostname:pid), for operators tracing a result.
         assert all(":" in i["meta"]["processed_by"] for i in items if i["status"] == "succeeded")
+
+        assert not stale.exists()
 
         # Workers yield the CPU to the API (TILESEG_WORKER_NICE, default 10), their prefork children too.
         base_nice = os.getpriority(os.PRIO_PROCESS, 0)

@@ -108,3 +108,18 @@ def _start_recovery(sender: object = None, **_: object) -> None:
             logging.getLogger("worker.recovery").warning("recovery sweep failed", exc_info=True)
 
     timer.call_repeatedly(interval, sweep)
+
+    def clean_parts() -> None:
+        from core.store import ArtifactStore
+
+        s = get_settings()
+        try:
+            n = ArtifactStore(s.artifacts, s.storage_options).remove_stale_parts(max(3600.0, float(vt)))
+            if n:
+                logging.getLogger("worker.recovery").warning("removed %d stale .part files from the store", n)
+        except Exception:  # noqa: BLE001 - housekeeping must never kill the worker
+            logging.getLogger("worker.recovery").warning("stale part cleanup failed", exc_info=True)
+
+    # Temp files of copies interrupted by a crash: once at start, then hourly.
+    timer.call_after(5.0, clean_parts)
+    timer.call_repeatedly(3600.0, clean_parts)
