@@ -84,6 +84,8 @@ class JobList(Page):
 
 
 class MetricOut(BaseModel):
+    #: The model the figures come from (job-level figures are per model; None for rows from before 0003).
+    model: str | None = None
     class_id: int
     class_name: str
     pixel_count: int
@@ -98,7 +100,7 @@ class MetricOut(BaseModel):
 
     @classmethod
     def of(cls, m: ClassMetric) -> MetricOut:
-        return cls(class_id=m.class_id, class_name=m.class_name, pixel_count=m.pixel_count, fraction=m.fraction,
+        return cls(model=m.model, class_id=m.class_id, class_name=m.class_name, pixel_count=m.pixel_count, fraction=m.fraction,
                    mean_confidence=m.mean_confidence, area=m.area, area_unit=m.area_unit, dice=m.dice, iou=m.iou,
                    instance_count=m.instance_count, mean_score=m.mean_score)
 

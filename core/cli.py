@@ -283,16 +283,17 @@ def _print_results(d: dict[str, Any]) -> None:
     if d.get("error"):
         con.print(f"[red]{d['error']}[/red]")
     if d["classes"]:
-        t = Table(title="per-class figures (whole job)")
-        for col in ("class", "pixels", "fraction", "mean conf", "area", "instances", "mean score", "Dice", "IoU"):
-            t.add_column(col, justify="right" if col != "class" else "left")
+        t = Table(title="per-class figures (whole job, per model)")
+        for col in ("model", "class", "pixels", "fraction", "mean conf", "area", "instances", "mean score", "Dice",
+                    "IoU"):
+            t.add_column(col, justify="left" if col in ("model", "class") else "right")
 
         def f(v: Any, fmt: str = "{:.3f}") -> str:
             return "-" if v is None else fmt.format(v)
 
         for c in d["classes"]:
             area = "-" if c["area"] is None else f"{c['area']:.6g} {c['area_unit'] or ''}"
-            t.add_row(c["class_name"], f"{c['pixel_count']:,}", f(c["fraction"]), f(c["mean_confidence"]), area,
+            t.add_row(c.get("model") or "-", c["class_name"], f"{c['pixel_count']:,}", f(c["fraction"]), f(c["mean_confidence"]), area,
                       f(c["instance_count"], "{}"), f(c["mean_score"]), f(c["dice"]), f(c["iou"]))
         con.print(t)
     t = Table(title="items")

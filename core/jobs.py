@@ -415,7 +415,7 @@ def list_items(session: Session, job_id: uuid.UUID, *, status: str | None = None
 def job_metrics(session: Session, job_id: uuid.UUID, item_id: uuid.UUID | None = None) -> list[ClassMetric]:
     q = select(ClassMetric).where(ClassMetric.job_id == job_id)
     q = q.where(ClassMetric.item_id.is_(None)) if item_id is None else q.where(ClassMetric.item_id == item_id)
-    return list(session.scalars(q.order_by(ClassMetric.class_id)).all())
+    return list(session.scalars(q.order_by(ClassMetric.model, ClassMetric.class_id)).all())
 
 
 def item_instances(session: Session, item_id: uuid.UUID) -> list[InstanceRow]:

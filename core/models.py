@@ -124,6 +124,9 @@ class ClassMetric(Base):
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     item_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    #: The model that produced the figures: a job may mix models (photos, GeoTIFFs and DICOM in one batch),
+    #: and its job-level rows are aggregated per model. NULL on rows written before the column existed.
+    model: Mapped[str | None] = mapped_column(String(64))
     class_id: Mapped[int] = mapped_column(Integer)
     class_name: Mapped[str] = mapped_column(String(128))
     pixel_count: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -71,10 +71,14 @@ def test_run_mixed_batch(tiny_models: Path, photo_dir: Path, tmp_path: Path) -> 
         assert abs(sum(m["fraction"] for m in it["metrics"]) - 1.0) < 1e-6
     ct_metrics = by_name["CT_small.dcm"]["metrics"]
     assert all(m["area_unit"] == "mm2" for m in ct_metrics if m["pixel_count"])
-    # Job-level rows aggregate the items.
-    classes = {c["class_name"]: c for c in out["classes"]}
-    assert sum(c["pixel_count"] for c in classes.values()) == sum(
-        m["pixel_count"] for it in ok for m in it["metrics"])
+    # Job-level rows aggregate the items per model (the three models have different classes).
+    assert {c["model"] for c in out["classes"]} == {"tiny-photo", "tiny-geo", "tiny-ct"}
+    for model in ("tiny-photo", "tiny-geo", "tiny-ct"):
+        job_rows = [c for c in out["classes"] if c["model"] == model]
+        item_rows = [m for it in ok if it["meta"]["model"] == model for m in it["metrics"]]
+        assert all(m["model"] == model for m in item_rows)
+        assert sum(c["pixel_count"] for c in job_rows) == sum(m["pixel_count"] for m in item_rows)
+        assert abs(sum(c["fraction"] for c in job_rows) - 1.0) < 1e-6
 
     # The stored results are queryable again by job ID.
     again = run_cli("results", out["id"], "--json")

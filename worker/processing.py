@@ -236,12 +236,12 @@ def _upload(job_id: uuid.UUID, item_id: uuid.UUID, artifacts: Sequence[Any]) -> 
     return out
 
 
-def _semantic_rows(job_id: uuid.UUID, item_id: uuid.UUID, result: Any) -> list[ClassMetric]:
+def _semantic_rows(job_id: uuid.UUID, item_id: uuid.UUID, result: Any, model: str) -> list[ClassMetric]:
     rows = []
     for f in result.figures:
         conf_sum = (f.mean_confidence or 0.0) * f.pixel_count
         sums: dict[str, Any] = {"confidence_sum": conf_sum, "valid_pixels": result.valid_pixels}
-        rows.append(ClassMetric(job_id=job_id, item_id=item_id, class_id=f.class_id, class_name=f.name,
+        rows.append(ClassMetric(job_id=job_id, item_id=item_id, model=model, class_id=f.class_id, class_name=f.name,
                                 pixel_count=int(f.pixel_count), fraction=f.fraction,
                                 mean_confidence=f.mean_confidence, area=f.area, area_unit=f.area_unit,
                                 dice=f.dice, iou=f.iou, sums=sums))
@@ -310,7 +310,7 @@ def _run_one(job_id: uuid.UUID, t: tuple, model: Any, options: dict[str, Any]) -
                 else:
                     result = segment_item(item, model, sink, ground_truth=gt)
                 artifacts = _upload(job_id, item_id, sink.close())
-                return _record_success(job_id, item_id, artifacts, _semantic_rows(job_id, item_id, result), [], meta)
+                return _record_success(job_id, item_id, artifacts, _semantic_rows(job_id, item_id, result, model.spec.name), [], meta)
             from pipelines.instances import detect_item, instance_figures
 
             spec = model.spec
@@ -330,7 +330,7 @@ def _run_one(job_id: uuid.UUID, t: tuple, model: Any, options: dict[str, Any]) -
                                      area=(i.area * px_area if px_area else None), area_unit=unit)
                          for i in found]
             figs = instance_figures(found, names, px_area, unit)
-            metric_rows = [ClassMetric(job_id=job_id, item_id=item_id, class_id=f["class_id"],
+            metric_rows = [ClassMetric(job_id=job_id, item_id=item_id, model=spec.name, class_id=f["class_id"],
                                        class_name=f["class_name"], pixel_count=int(f["area_px"]), fraction=None,
                                        area=f.get("area"), area_unit=f.get("area_unit"),
                                        instance_count=int(f["instance_count"]), mean_score=f.get("mean_score"),
@@ -399,7 +399,7 @@ def _run_semantic_batch(job_id: uuid.UUID, batch: Sequence[tuple], model: Any, o
             item_id, meta = t[0], {**t[5], "model": model.spec.name}
             try:
                 artifacts = _upload(job_id, item_id, sink.close())
-                done_job |= _record_success(job_id, item_id, artifacts, _semantic_rows(job_id, item_id, result),
+                done_job |= _record_success(job_id, item_id, artifacts, _semantic_rows(job_id, item_id, result, model.spec.name),
                                             [], meta)
             except Exception as exc:  # noqa: BLE001
                 done_job |= _handle_error(job_id, item_id, exc)
@@ -408,15 +408,25 @@ def _run_semantic_batch(job_id: uuid.UUID, batch: Sequence[tuple], model: Any, o
 
 # Finalisation ---------------------------------------------------------------------------------------------
 def _aggregate(session: Any, job_id: uuid.UUID) -> None:
-    """Job-level per-class rows from the item rows: sums of counts and areas, exact Dice/IoU from summed
-    confusion matrices, pixel-weighted mean confidence."""
+    """Job-level per-class rows from the item rows, per model (a job may mix models with different
+    classes): sums of counts and areas, exact Dice/IoU from summed confusion matrices, pixel-weighted mean
+    confidence, fractions of the valid pixels of that model's items."""
+    session.execute(delete(ClassMetric).where(ClassMetric.job_id == job_id, ClassMetric.item_id.is_(None)))
+    rows = session.scalars(select(ClassMetric).where(ClassMetric.job_id == job_id,
+                                                     ClassMetric.item_id.is_not(None))).all()
+    by_model: dict[str | None, list[ClassMetric]] = defaultdict(list)
+    for r in rows:
+        by_model[r.model].append(r)
+    for model in sorted(by_model, key=lambda m: m or ""):
+        for row in _aggregate_model(job_id, model, by_model[model]):
+            session.add(row)
+
+
+def _aggregate_model(job_id: uuid.UUID, model: str | None, rows: Sequence[ClassMetric]) -> list[ClassMetric]:
     import numpy as np
 
     from pipelines.metrics import scores
 
-    session.execute(delete(ClassMetric).where(ClassMetric.job_id == job_id, ClassMetric.item_id.is_(None)))
-    rows = session.scalars(select(ClassMetric).where(ClassMetric.job_id == job_id,
-                                                     ClassMetric.item_id.is_not(None))).all()
     by_class: dict[tuple[int, str], list[ClassMetric]] = defaultdict(list)
     for r in rows:
         by_class[(r.class_id, r.class_name)].append(r)
@@ -430,8 +440,9 @@ def _aggregate(session: Any, job_id: uuid.UUID) -> None:
         valid_total += int(r.sums.get("valid_pixels", 0))
         if "confusion" in r.sums:
             m = np.asarray(r.sums["confusion"], dtype=np.int64)
-            confusion = m if confusion is None else confusion + m
+            confusion = m if confusion is None or confusion.shape != m.shape else confusion + m
     per_class = scores(confusion)["per_class"] if confusion is not None else None
+    out = []
     for (cid, name), group in sorted(by_class.items()):
         pixels = sum(r.pixel_count for r in group)
         conf_sum = sum(float(r.sums.get("confidence_sum", 0.0)) for r in group)
@@ -443,8 +454,8 @@ def _aggregate(session: Any, job_id: uuid.UUID) -> None:
         dice = iou = None
         if per_class is not None and cid < len(per_class):
             dice, iou = per_class[cid]["dice"], per_class[cid]["iou"]
-        session.add(ClassMetric(
-            job_id=job_id, item_id=None, class_id=cid, class_name=name, pixel_count=pixels,
+        out.append(ClassMetric(
+            job_id=job_id, item_id=None, model=model, class_id=cid, class_name=name, pixel_count=pixels,
             fraction=(pixels / valid_total) if valid_total and not counts else None,
             mean_confidence=(conf_sum / pixels) if pixels and not counts else None,
             # Areas are only summed when every item has the same physical unit.
@@ -454,6 +465,7 @@ def _aggregate(session: Any, job_id: uuid.UUID) -> None:
             mean_score=(score_sum / n_inst) if n_inst else None,
             sums={"confidence_sum": conf_sum, "valid_pixels": valid_total},
         ))
+    return out
 
 
 def _finalize_groups(session: Any, job_id: uuid.UUID) -> None:
