@@ -310,7 +310,8 @@ def _run_one(job_id: uuid.UUID, t: tuple, model: Any, options: dict[str, Any]) -
                 else:
                     result = segment_item(item, model, sink, ground_truth=gt)
                 artifacts = _upload(job_id, item_id, sink.close())
-                return _record_success(job_id, item_id, artifacts, _semantic_rows(job_id, item_id, result, model.spec.name), [], meta)
+                rows = _semantic_rows(job_id, item_id, result, model.spec.name)
+                return _record_success(job_id, item_id, artifacts, rows, [], meta)
             from pipelines.instances import detect_item, instance_figures
 
             spec = model.spec
@@ -399,8 +400,8 @@ def _run_semantic_batch(job_id: uuid.UUID, batch: Sequence[tuple], model: Any, o
             item_id, meta = t[0], {**t[5], "model": model.spec.name}
             try:
                 artifacts = _upload(job_id, item_id, sink.close())
-                done_job |= _record_success(job_id, item_id, artifacts, _semantic_rows(job_id, item_id, result, model.spec.name),
-                                            [], meta)
+                rows = _semantic_rows(job_id, item_id, result, model.spec.name)
+                done_job |= _record_success(job_id, item_id, artifacts, rows, [], meta)
             except Exception as exc:  # noqa: BLE001
                 done_job |= _handle_error(job_id, item_id, exc)
     return done_job
