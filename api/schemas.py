@@ -101,8 +101,8 @@ class MetricOut(BaseModel):
     @classmethod
     def of(cls, m: ClassMetric) -> MetricOut:
         return cls(model=m.model, class_id=m.class_id, class_name=m.class_name, pixel_count=m.pixel_count,
-                   fraction=m.fraction, mean_confidence=m.mean_confidence, area=m.area, area_unit=m.area_unit, dice=m.dice, iou=m.iou,
-                   instance_count=m.instance_count, mean_score=m.mean_score)
+                   fraction=m.fraction, mean_confidence=m.mean_confidence, area=m.area, area_unit=m.area_unit,
+                   dice=m.dice, iou=m.iou, instance_count=m.instance_count, mean_score=m.mean_score)
 
 
 class ArtifactOut(BaseModel):

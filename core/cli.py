@@ -294,7 +294,8 @@ def _print_results(d: dict[str, Any]) -> None:
         for c in d["classes"]:
             area = "-" if c["area"] is None else f"{c['area']:.6g} {c['area_unit'] or ''}"
             t.add_row(c.get("model") or "-", c["class_name"], f"{c['pixel_count']:,}", f(c["fraction"]),
-                      f(c["mean_confidence"]), area, f(c["instance_count"], "{}"), f(c["mean_score"]), f(c["dice"]), f(c["iou"]))
+                      f(c["mean_confidence"]), area, f(c["instance_count"], "{}"), f(c["mean_score"]),
+                      f(c["dice"]), f(c["iou"]))
         con.print(t)
     t = Table(title="items")
     for col in ("#", "input", "model", "status", "top classes / error"):
