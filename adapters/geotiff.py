@@ -593,14 +593,30 @@ def polygonize_classes(
 
     Properties: ``class_id``, ``class_name``, ``area`` (map units²), ``area_m2`` (None when the unit is
     unknown). Pixels equal to nodata (255) or in ``skip`` never become polygons. Reads ``chunk``²
-    windows; polygons crossing a chunk edge are split there. Returns the number of features.
+    windows so memory stays bounded; polygons that reach a chunk edge inside the raster are held back and
+    merged with their neighbours across the edge (shapely union in pixel coordinates, where the shared
+    edges are exact), so a region crossing a chunk edge is still one feature. Returns the number of features.
     """
+    import shapely
+    from shapely.affinity import affine_transform
+    from shapely.geometry import mapping, shape
+
     skip = set(skip or ()) | {NODATA_CLASS}
     with _NoGeoWarnings(), rasterio.open(class_raster) as ds:
         if ds.crs is None:
             raise AdapterError(f"{Path(class_raster).name}: no CRS, cannot write polygons")
         factor = _unit_factor(ds.crs)
+        t = ds.transform
+        to_map = [t.a, t.b, t.d, t.e, t.c, t.f]
         writer = _GeoJsonWriter(out_path, ds.crs)
+        pending: dict[int, list[Any]] = {}
+
+        def write(geom_px: Any, cid: int) -> None:
+            g = mapping(affine_transform(geom_px, to_map))
+            props = {"class_id": cid, "class_name": _name(class_names, cid)}
+            props.update(_area_props(g["coordinates"], ds.crs, factor))
+            writer.add(g, props)
+
         try:
             for r0 in range(0, ds.height, chunk):
                 for c0 in range(0, ds.width, chunk):
@@ -609,12 +625,22 @@ def polygonize_classes(
                     keep = ~np.isin(data, list(skip))
                     if not keep.any():
                         continue
+                    r1, c1 = r0 + win.height, c0 + win.width
                     for geom, value in shapes(data, mask=keep, connectivity=4,
-                                              transform=window_transform(win, ds.transform)):
-                        cid = int(value)
-                        props = {"class_id": cid, "class_name": _name(class_names, cid)}
-                        props.update(_area_props(geom["coordinates"], ds.crs, factor))
-                        writer.add(geom, props)
+                                              transform=rasterio.Affine.translation(c0, r0)):
+                        poly = shape(geom)
+                        x0, y0, x1, y1 = poly.bounds
+                        at_seam = ((x0 == c0 and c0 > 0) or (y0 == r0 and r0 > 0)
+                                   or (x1 == c1 and c1 < ds.width) or (y1 == r1 and r1 < ds.height))
+                        if at_seam:
+                            pending.setdefault(int(value), []).append(poly)
+                        else:
+                            write(poly, int(value))
+            for cid, polys in sorted(pending.items()):
+                merged = shapely.union_all(polys)
+                for part in getattr(merged, "geoms", [merged]):
+                    if isinstance(part, shapely.Polygon) and not part.is_empty:
+                        write(part, cid)
         finally:
             writer.close()
         return writer.count

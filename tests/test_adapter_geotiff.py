@@ -259,14 +259,17 @@ def _ring_bounds(ring) -> tuple[float, float, float, float]:
 
 
 def test_polygons_across_block_and_chunk_boundaries(tmp_path):
-    """A rectangle spanning a 256-px sink block boundary: one polygon whose corners are the transform of its
-    pixel corners, area = pixels * 100 m2; with a small polygonize chunk it is split at the chunk edge."""
+    """A rectangle spanning a 256-px sink block boundary and a ring with a hole spanning polygonize chunk
+    edges: one feature each whatever the chunk size, corners at the transform of the pixel corners, exact
+    areas (pixels * 100 m2), the hole kept."""
     h, w = 300, 400
     src_path = _write(tmp_path / "in.tif", np.ones((1, h, w), np.uint8), crs=UTM, transform=T10)
     classes = np.zeros((h, w), np.uint8)
     classes[200:290, 230:301] = 1  # rows 200..289, cols 230..300, crosses block edges at 256
     classes[10:20, 10:20] = 2
-    for chunk, n_water in ((4096, 1), (128, 4)):
+    classes[100:160, 100:160] = 2  # a ring around the chunk corner (128, 128) ...
+    classes[115:145, 115:145] = 0  # ... with a hole
+    for chunk in (4096, 128, 50):
         fmt = GeoTiffFormat(confidence=False, polygon_chunk=chunk)
         with fmt.open(str(src_path)) as src:
             sink = fmt.semantic_sink(next(src.items()), tmp_path / f"o{chunk}", NAMES, COLORS)
@@ -274,18 +277,15 @@ def test_polygons_across_block_and_chunk_boundaries(tmp_path):
             arts = {a.kind: a.path for a in sink.close()}
         feats = _features(arts["geojson"])
         assert {f["properties"]["class_name"] for f in feats} == {"water", "building"}  # background skipped
-        water = [f for f in feats if f["properties"]["class_id"] == 1]
-        assert len(water) == n_water
-        assert sum(f["properties"]["area_m2"] for f in water) == pytest.approx(90 * 71 * 100.0)
-        bounds = [_ring_bounds(f["geometry"]["coordinates"][0]) for f in water]
-        x0, y1 = T10 @ (230, 200)
-        x1, y0 = T10 @ (301, 290)
-        assert min(b[0] for b in bounds) == pytest.approx(x0) and max(b[2] for b in bounds) == pytest.approx(x1)
-        assert min(b[1] for b in bounds) == pytest.approx(y0) and max(b[3] for b in bounds) == pytest.approx(y1)
-        if n_water == 4:  # split exactly on the chunk edges at col 256 and row 256
-            assert sorted(b[2] for b in bounds)[0] == pytest.approx((T10 @ (256, 0))[0])
-        (bld,) = [f for f in feats if f["properties"]["class_id"] == 2]
-        assert bld["properties"]["area"] == pytest.approx(100 * 100.0)
+        (water,) = [f for f in feats if f["properties"]["class_id"] == 1]
+        assert water["properties"]["area_m2"] == pytest.approx(90 * 71 * 100.0)
+        x0, y0, x1, y1 = _ring_bounds(water["geometry"]["coordinates"][0])
+        assert (x0, y1) == pytest.approx(T10 @ (230, 200)) and (x1, y0) == pytest.approx(T10 @ (301, 290))
+        buildings = sorted((f for f in feats if f["properties"]["class_id"] == 2),
+                           key=lambda f: f["properties"]["area"])
+        assert [f["properties"]["area"] for f in buildings] == pytest.approx([100 * 100.0, (60**2 - 30**2) * 100.0])
+        ring = buildings[1]["geometry"]["coordinates"]
+        assert len(ring) == 2  # exterior and the hole
 
 
 def test_polygons_skip_nodata_and_keep_non_epsg_crs(tmp_path, fmt):
