@@ -50,6 +50,7 @@ __all__ = [
     "mosaic",
     "recalibrate_batchnorm",
     "restore_model",
+    "serving_preprocess",
     "train_maskrcnn",
     "write_model_folder",
     "write_training_curve",
@@ -556,6 +557,21 @@ def recalibrate_batchnorm(model: Any, cfg: MaskRCNNConfig, *, batches: int = 20,
 # --------------------------------------------------------------------------------------------- export
 
 
+def serving_preprocess(image: Any, size: int) -> tuple[Any, Any]:
+    """The exported graph's input step: ``(H, W, 3) uint8`` -> normalised ``(size, size, 3) float32`` canvas
+    and the parser's ``image_info`` ``(4, 2)``.
+
+    uint8 goes in exactly as the training parser (``maskrcnn_input.Parser``) gets it: ``normalize_image``
+    scales integer images to [0, 1] before subtracting the [0, 1]-range ImageNet mean. Casting to float
+    first would feed 255x the trained range (an early export did, and every model looked untrained).
+    """
+    from official.vision.ops import preprocess_ops
+
+    x = preprocess_ops.normalize_image(image)
+    return preprocess_ops.resize_and_crop_image(x, [size, size], padded_size=[size, size], aug_scale_min=1.0,
+                                                aug_scale_max=1.0)
+
+
 def _serving_module(model: Any, cfg: MaskRCNNConfig) -> Any:
     import tensorflow as tf
     from official.vision.ops import anchor, preprocess_ops
@@ -574,10 +590,7 @@ def _serving_module(model: Any, cfg: MaskRCNNConfig) -> Any:
 
         @tf.function(input_signature=[tf.TensorSpec([1, None, None, 3], tf.uint8, name="input_tensor")])
         def serve(self, input_tensor):
-            image = tf.cast(input_tensor[0], tf.float32)
-            image = preprocess_ops.normalize_image(image)
-            image, info = preprocess_ops.resize_and_crop_image(
-                image, [size, size], padded_size=[size, size], aug_scale_min=1.0, aug_scale_max=1.0)
+            image, info = serving_preprocess(input_tensor[0], size)
             out = model.call(
                 images=image[None], image_shape=info[1:2, :],
                 anchor_boxes={k: v[None] for k, v in anchors.items()}, training=False)

@@ -238,6 +238,31 @@ def test_tiny_model_trains_exports_od_api_signature_and_loads_through_runtime(tm
     assert all(i.class_id in (1, 2) and i.rle["size"] == [h, w] for i in found)
 
 
+def test_serving_normalises_like_the_training_parser(few_pets):
+    """The exported graph must feed the network what the training parser fed it: uint8 scaled to [0, 1],
+    then the ImageNet mean/std. (A cast to float before ``normalize_image`` once fed 255x that range and
+    made every export look untrained.)"""
+    pytest.importorskip("official")
+    import tensorflow as tf
+    from official.vision.dataloaders import maskrcnn_input
+
+    from pipelines.maskrcnn import serving_preprocess
+
+    image, mask = letterbox(few_pets[0].image, few_pets[0].mask, 128, 128)
+    parser = maskrcnn_input.Parser(output_size=[128, 128], min_level=3, max_level=6, num_scales=1,
+                                   aspect_ratios=[1.0], anchor_size=3.0, aug_rand_hflip=False, aug_scale_min=1.0,
+                                   aug_scale_max=1.0, include_mask=True, mask_crop_size=28, dtype="float32")
+    trained_on, _ = parser._parse_train_data({
+        "image": tf.constant(image), "groundtruth_boxes": tf.constant([[0.1, 0.1, 0.9, 0.9]], tf.float32),
+        "groundtruth_classes": tf.constant([1], tf.int64),
+        "groundtruth_instance_masks": tf.constant(mask[None].astype(np.float32)),
+        "groundtruth_is_crowd": tf.constant([False])})
+    served, info = serving_preprocess(tf.constant(image), 128)
+    assert float(tf.reduce_max(tf.abs(served))) < 3.0
+    np.testing.assert_allclose(served.numpy(), trained_on.numpy(), atol=1e-5)
+    assert info.numpy()[:2].tolist() == [[128.0, 128.0], [128.0, 128.0]]
+
+
 # --------------------------------------------------------------------------------------------- shipped model
 
 
