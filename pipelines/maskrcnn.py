@@ -574,7 +574,7 @@ def serving_preprocess(image: Any, size: int) -> tuple[Any, Any]:
 
 def _serving_module(model: Any, cfg: MaskRCNNConfig) -> Any:
     import tensorflow as tf
-    from official.vision.ops import anchor, preprocess_ops
+    from official.vision.ops import anchor
 
     size = cfg.size
     anchors = anchor.build_anchor_generator(
