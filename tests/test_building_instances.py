@@ -3,6 +3,8 @@ SpaceNet data, and the training crops (visible parts, rotations, negatives)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -106,3 +108,67 @@ def test_small_scenes_are_padded_and_rotations_cover_all_eight():
 def test_unknown_split_is_refused(bad):
     with pytest.raises(ValueError, match="split must be one of"):
         load_building_scenes(bad)
+
+
+# --------------------------------------------------------------------------------------------- shipped model
+
+SHIPPED = Path(__file__).resolve().parents[1] / "pipelines" / "models" / "maskrcnn-buildings"
+
+
+def test_shipped_building_model_reproduces_its_card():
+    """`tileseg eval` on the held-out Rio tiles (tiled detection + seam merging) gives the card's figures."""
+    import json
+
+    from click.testing import CliRunner
+
+    from core.cli import main
+
+    folder = shared("spacenet1_rio_buildings")
+    card = json.loads((SHIPPED / "metrics.json").read_text())["test"]
+    res = CliRunner().invoke(main, ["eval", "--model", "maskrcnn-buildings", "--data", str(folder), "--split",
+                                    "test", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output[res.output.index("{"):])
+    assert report["kind"] == "instance" and report["names"] == ["img53", "img64"]
+    assert report["mask_ap50"] == pytest.approx(card["mask_ap50"], abs=0.01)
+    assert report["box_ap50"] == pytest.approx(card["box_ap50"], abs=0.01)
+    assert report["mask_ap50"] > 0.05  # far from good (see the card), but it does find buildings
+
+
+def test_building_instances_through_the_service_on_the_demo_tile(ts_env):
+    """`tileseg run` on the held-out SpaceNet tile with the building instance model: polygons with a score per
+    building, in the tile's CRS (EPSG:4326), the same count in GeoJSON, GeoPackage and the job figures."""
+    import json
+
+    import pyogrio
+
+    from tests.test_e2e_embedded import run_cli
+
+    tile = SHIPPED.parents[2] / "samples" / "geotiff" / "rio_img64.tif"
+    proc = run_cli("run", str(tile), "--pipeline", "maskrcnn-buildings", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["status"] == "succeeded", out
+    (item,) = out["items"]
+    assert item["meta"]["model"] == "maskrcnn-buildings"
+    assert not any("differs from" in w for w in item["meta"].get("warnings", []))  # the tile is at 0.5 m
+    n = item["instances"]
+    assert 10 <= n <= 137  # 137 buildings on the tile; the card reports 26 detections at score >= 0.5
+    feats = json.loads(Path(item["artifacts"]["geojson"]).read_text())["features"]
+    assert len(feats) == n and all(0.5 <= f["properties"]["score"] <= 1 for f in feats)
+    def points(coords):  # Polygon or MultiPolygon coordinates -> (x, y) pairs
+        if isinstance(coords[0], (int, float)):
+            yield coords
+        else:
+            for c in coords:
+                yield from points(c)
+
+    xy = np.array([p for f in feats for p in points(f["geometry"]["coordinates"])])
+    lons, lats = xy[:, 0], xy[:, 1]
+    assert -43.69 < min(lons) and max(lons) < -43.68 and -22.99 < min(lats) and max(lats) < -22.98
+    assert pyogrio.read_info(item["artifacts"]["gpkg"])["features"] == n
+    (building,) = [c for c in out["classes"] if c["class_name"] == "building"]
+    assert building["model"] == "maskrcnn-buildings" and building["instance_count"] == n
+    # EPSG:4326 has no constant pixel area; each polygon's area is computed on the sphere: houses, in m².
+    areas = [f["properties"]["area_m2"] for f in feats]
+    assert all(5 < a < 3000 for a in areas), sorted(areas)[:3] + sorted(areas)[-3:]
