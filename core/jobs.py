@@ -378,14 +378,8 @@ def list_job_summaries(conn: Connection | Session, *, owner: str | None = None, 
     rows = conn.execute(stmt, params).mappings().all()
     if rows:
         return [_summary({k: v for k, v in r.items() if k != "_total"}) for r in rows], rows[0]["_total"]
-    q = select(func.count()).select_from(_JOBS)
-    if owner is not None:
-        q = q.where(_JOBS.c.owner == owner)
-    if status:
-        q = q.where(_JOBS.c.status == status)
-    if since is not None:
-        q = q.where(_JOBS.c.created_at >= since)
-    return [], conn.execute(q).scalar() or 0
+    matching = stmt.with_only_columns(_JOBS.c.id).order_by(None).limit(None).offset(None).subquery()
+    return [], conn.execute(select(func.count()).select_from(matching), params).scalar() or 0
 
 
 def list_jobs(session: Session, *, owner: str | None = None, status: str | None = None,

@@ -103,16 +103,14 @@ def _rgb(pixels: np.ndarray, valid: np.ndarray) -> np.ndarray:
 def scenes_from_folder(folder: str | Path, names: Sequence[str]) -> list[BuildingScene]:
     """Scenes from a folder laid out like ``spacenet1_rio_buildings``: ``images/NAME.tif`` (RGB) and
     ``masks/NAME.tif`` (building > 0, same grid). Pixels black in all bands are outside the footprint."""
+    from pipelines.domains import read_rio_tile
+
     folder = Path(folder)
     out = []
     for name in names:
-        img, _ = _read(folder / "images" / f"{name}.tif")
-        mask, _ = _read(folder / "masks" / f"{name}.tif")
-        if img.shape[0] != 3 or mask.shape[1:] != img.shape[1:]:
-            raise AdapterError(f"{folder / name}: expected a 3-band image and a mask on the same grid")
-        valid = img.max(axis=0) > 0
-        inst = components((mask[0] > 0) & valid)
-        out.append(BuildingScene(name, _rgb(img, valid), inst, valid, folder / "images" / f"{name}.tif"))
+        img, mask, valid = read_rio_tile(folder, name)
+        out.append(BuildingScene(name, _rgb(img, valid), components(mask & valid), valid,
+                                 folder / "images" / f"{name}.tif"))
     return out
 
 

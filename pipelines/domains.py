@@ -56,6 +56,7 @@ __all__ = [
     "load_rio",
     "map_ct_labels",
     "read_ct_slice",
+    "read_rio_tile",
     "resample_matrix",
     "resample_pixels",
     "segment_at_model_resolution",
@@ -377,19 +378,23 @@ def _binary_label(mask: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     return label
 
 
-def load_rio(root: Path, names: Sequence[str]) -> list[Sample]:
-    """SpaceNet 1 Rio tiles ``root/images/NAME.tif`` (RGB uint8) + ``root/masks/NAME.tif`` (0/255).
+def read_rio_tile(root: Path, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A tile of a folder laid out like SpaceNet 1 Rio: ``root/images/NAME.tif`` (RGB) and
+    ``root/masks/NAME.tif`` (building > 0, same grid). Returns the image ``(3, H, W)``, the building mask
+    ``(H, W) bool`` and the image footprint ``(H, W) bool`` (pixels black in all bands lie outside it)."""
+    img, _ = _read_raster(root / "images" / f"{name}.tif")
+    mask, _ = _read_raster(root / "masks" / f"{name}.tif")
+    if img.shape[0] != 3 or mask.shape[1:] != img.shape[1:]:
+        raise AdapterError(f"{root / name}: expected a 3-band image and a mask on the same grid")
+    return img, mask[0] > 0, img.max(axis=0) > 0
 
-    Pixels black in all bands lie outside the image footprint: they are ignored in the label.
-    """
+
+def load_rio(root: Path, names: Sequence[str]) -> list[Sample]:
+    """SpaceNet 1 Rio tiles (:func:`read_rio_tile`); pixels outside the footprint are ignored in the label."""
     out = []
     for name in names:
-        img, _ = _read_raster(root / "images" / f"{name}.tif")
-        mask, _ = _read_raster(root / "masks" / f"{name}.tif")
-        if img.shape[0] != 3 or mask.shape[1:] != img.shape[1:]:
-            raise AdapterError(f"{root / name}: expected 3-band image and a mask on the same grid")
-        valid = img.max(axis=0) > 0
-        out.append(Sample(name, "spacenet1_rio", _stretch(img, valid), _binary_label(mask[0], valid), 0.5))
+        img, mask, valid = read_rio_tile(root, name)
+        out.append(Sample(name, "spacenet1_rio", _stretch(img, valid), _binary_label(mask, valid), 0.5))
     return out
 
 

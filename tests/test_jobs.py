@@ -99,3 +99,18 @@ def test_input_paths_must_stay_inside_roots(tmp_path: Path) -> None:
             jobs.check_input_path(bad, roots)
     with pytest.raises(jobs.PathNotAllowed, match="disabled"):
         jobs.check_input_path(str(root / "sub" / "a.png"), [])
+
+
+def test_job_summaries_count_past_the_last_page(ts_env: dict[str, str]) -> None:
+    from core.db import engine, session_scope
+
+    _setup_db()
+    with session_scope() as s:
+        for owner in ("a", "a", "b"):
+            jobs.create_job(s, [jobs.InputSpec("/x")], "auto", owner=owner)
+    with engine().connect() as conn:
+        rows, total = jobs.list_job_summaries(conn, owner="a", limit=1)
+        assert len(rows) == 1 and total == 2 and rows[0]["owner"] == "a"
+        assert jobs.list_job_summaries(conn, owner="a", offset=5) == ([], 2)  # total from the fallback COUNT
+        assert jobs.list_job_summaries(conn, status="running", offset=0) == ([], 0)
+        assert jobs.list_job_summaries(conn)[1] == 3
