@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tileseg entry points for a fresh machine with Python 3.11:
 #   ./run.sh demo   - create .venv, install, segment the bundled mixed batch (embedded mode, no servers)
-#   ./run.sh test   - create .venv, install with test extras, run ruff and the whole test suite
+#   ./run.sh test   - create .venv, install with test and training extras, run ruff and the whole test suite
 #   ./run.sh setup  - only create .venv and install
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -31,7 +31,8 @@ case "${1:-demo}" in
     echo "Outputs are under $TILESEG_DATA_DIR/artifacts (paths above). Query again with: .venv/bin/tileseg results <job id>"
     ;;
   test)
-    setup "[test]"
+    # The training extra too: the Model Garden (Mask R-CNN training and export) tests need it.
+    setup "[test,train]"
     .venv/bin/ruff check .
     .venv/bin/python -m pytest "${@:2}"
     ;;

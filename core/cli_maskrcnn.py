@@ -40,6 +40,9 @@ __all__ = ["maskrcnn"]
 @click.option("--checkpoint-every", default=250, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--init-from", "init_from", type=click.Path(exists=True, file_okay=False),
+              help="Start from an exported model folder's weights (e.g. pipelines/models/maskrcnn-pets) with a "
+                   "fresh optimizer and learning-rate schedule; the architecture options must match.")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False),
               help="After training, write saved_model/, spec.json, metrics.json, training_curve.png here.")
 @click.option("--name", default=None, help="Model name for --export [default: maskrcnn-<dataset>].")
@@ -71,7 +74,7 @@ def maskrcnn(export_dir: str | None, name: str | None, no_eval: bool, size: int,
         if export_dir:
             report = export_run(run, export_dir, name=name, evaluate=not no_eval)
             click.echo(json.dumps(report, indent=2))
-    except (AdapterError, FileExistsError, FileNotFoundError, FloatingPointError) as e:
+    except (AdapterError, FileExistsError, FileNotFoundError, FloatingPointError, ValueError) as e:
         raise click.ClickException(str(e)) from e
 
 

@@ -108,6 +108,9 @@ class MaskRCNNConfig:
     checkpoint_every: int = 250
     log_every: int = 20
     resume: bool = False
+    #: Start a new run from an exported model folder's weights (``saved_model/`` written by
+    #: :func:`export_saved_model` with the same architecture settings); a fresh optimizer and schedule.
+    init_from: str | None = None
 
     def run_dir(self) -> Path:
         return Path(self.out)
@@ -462,6 +465,9 @@ def train_maskrcnn(cfg: MaskRCNNConfig) -> Path:
     if manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint)
         log.info("resumed from %s at step %d", manager.latest_checkpoint, int(step_var.numpy()))
+    elif cfg.init_from:
+        n = load_exported_weights(model, cfg.init_from)
+        log.info("initialised %d variables from %s", n, cfg.init_from)
 
     @tf.function
     def train_step(images, labels):
@@ -507,6 +513,33 @@ def train_maskrcnn(cfg: MaskRCNNConfig) -> Path:
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 manager.save(checkpoint_number=step)
     return out
+
+
+def load_exported_weights(model: Any, folder: str | Path) -> int:
+    """Copy the weights of an exported SavedModel (a model folder with ``saved_model/``, or the SavedModel
+    directory itself) into ``model``, built with the same architecture settings; returns the variable count.
+
+    The export tracks ``model.variables`` as a list (see :func:`_serving_module`), so variable ``i`` of the
+    SavedModel is ``model.variables[i]``; every shape is checked before anything is assigned.
+    """
+    import tensorflow as tf
+
+    folder = Path(folder)
+    saved = folder / "saved_model" if (folder / "saved_model").is_dir() else folder
+    if not (saved / "saved_model.pb").is_file():
+        raise FileNotFoundError(f"{folder} holds no exported SavedModel (saved_model.pb)")
+    reader = tf.train.load_checkpoint(str(saved / "variables" / "variables"))
+    shapes = reader.get_variable_to_shape_map()
+    keys = [f"weights/{i}/.ATTRIBUTES/VARIABLE_VALUE" for i in range(len(model.variables))]
+    stored = sum(1 for k in shapes if k.startswith("weights/") and k.endswith("/.ATTRIBUTES/VARIABLE_VALUE"))
+    if stored != len(keys):
+        raise ValueError(f"{saved} has {stored} variables, the model {len(keys)}: different architecture settings")
+    for key, var in zip(keys, model.variables, strict=True):
+        if tuple(shapes[key]) != tuple(var.shape):
+            raise ValueError(f"{saved}: {key} has shape {shapes[key]}, the model's {var.name} {tuple(var.shape)}")
+    for key, var in zip(keys, model.variables, strict=True):
+        var.assign(reader.get_tensor(key))
+    return len(keys)
 
 
 def restore_model(run_dir: str | Path) -> tuple[Any, MaskRCNNConfig]:

@@ -7,6 +7,7 @@ shipped-model test needs only TensorFlow.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +237,24 @@ def test_tiny_model_trains_exports_od_api_signature_and_loads_through_runtime(tm
     found = detect_image(model, few_pets[0].image, score_threshold=0.0)
     h, w = few_pets[0].mask.shape
     assert all(i.class_id in (1, 2) and i.rle["size"] == [h, w] for i in found)
+
+    # A new run can start from the export: same weights, variable by variable; another architecture is refused.
+    from official.vision.tasks.maskrcnn import MaskRCNNTask
+
+    from pipelines.maskrcnn import build_task_config, load_exported_weights, restore_model
+
+    trained, _ = restore_model(run)
+    fresh = MaskRCNNTask(build_task_config(cfg)).build_model()
+    pairs = list(zip(fresh.variables, trained.variables, strict=True))
+    assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in pairs)
+    assert load_exported_weights(fresh, tmp_path / "model") == len(fresh.variables)
+    trainable = {id(v) for v in trained.trainable_variables}
+    for a, b in pairs:
+        if id(b) in trainable:  # BN moving statistics were recalibrated before the export
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    wider = MaskRCNNTask(build_task_config(replace(cfg, fc_dims=64))).build_model()
+    with pytest.raises(ValueError, match="shape"):
+        load_exported_weights(wider, tmp_path / "model")
 
 
 def test_serving_normalises_like_the_training_parser(few_pets):
