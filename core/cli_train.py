@@ -102,11 +102,12 @@ def pseudo_label_command(model: str, data: str, out: str, threshold: float, tta:
 @click.option("--val-fraction", default=0.15, show_default=True, type=click.FloatRange(0.01, 0.9))
 @click.option("--mode", type=click.Choice(["resize", "tile"]), default=None,
               help="Inference mode (default: the model spec's).")
-@click.option("--tta/--no-tta", default=False, show_default=True, help="Average with the flipped image.")
+@click.option("--tta/--no-tta", default=None,
+              help="Average with the flipped image [default: as the model spec's `tta` says].")
 @click.option("--label-offset", default=1, show_default=True, type=int,
               help="class id = trimap value - offset.")
 def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction: float, mode: str | None,
-                 tta: bool, label_offset: int) -> None:
+                 tta: bool | None, label_offset: int) -> None:
     """Score a model on a labeled folder.
 
     Layouts: oxford_pets (images/, trimaps/, annotations/); spacenet1_rio_buildings (images/*.tif,

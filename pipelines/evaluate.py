@@ -19,7 +19,7 @@ from PIL import Image
 from adapters.base import AdapterError
 from pipelines.metrics import confusion_matrix, scores
 from pipelines.normalize import normalize
-from pipelines.registry import LoadedModel, get_spec, load
+from pipelines.registry import LoadedModel, flip_tta, get_spec, load
 from pipelines.spec import ClassSpec, ModelSpec, Normalization
 from pipelines.tiling import TilingConfig, predict_array
 from pipelines.train import list_names, load_pairs, split_names
@@ -45,22 +45,8 @@ PET_CLASSES = [
 _PALETTE = [(230, 25, 75), (0, 0, 0), (255, 225, 25), (60, 180, 75), (0, 130, 200), (245, 130, 48)]
 
 
-def flip_tta(predict: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-    """Test-time augmentation: mean of ``predict(x)`` and the un-flipped ``predict(flip_lr(x))``.
-
-    Works on ``(N, S, S, C)`` batches -> ``(N, S, S, K)``; one model call on a doubled batch.
-    """
-
-    def tta(x: np.ndarray) -> np.ndarray:
-        n = x.shape[0]
-        y = predict(np.concatenate([x, x[:, :, ::-1]], axis=0))
-        return 0.5 * (y[:n] + y[n:, :, ::-1])
-
-    return tta
-
-
 def make_predictor(
-    model: LoadedModel, mode: str | None = None, tta: bool = False
+    model: LoadedModel, mode: str | None = None, tta: bool | None = None
 ) -> Callable[[np.ndarray], np.ndarray]:
     """``(H, W, C)`` raw photo (uint8) -> ``(H, W, K) float32`` probabilities at the photo's own size.
 
@@ -73,7 +59,7 @@ def make_predictor(
     mode = mode or spec.mode
     k = len(spec.classes)
     s = spec.input_size
-    predict = flip_tta(model.predict) if tta else model.predict
+    predict = model.forward(tta)
 
     def run(rgb: np.ndarray) -> np.ndarray:
         x = normalize(np.moveaxis(rgb[..., : spec.channels], -1, 0), spec.normalization)
@@ -138,7 +124,7 @@ def evaluate_folder(
     split: str = "all",
     val_fraction: float = 0.15,
     mode: str | None = None,
-    tta: bool = False,
+    tta: bool | None = None,
     label_offset: int = 1,
 ) -> dict[str, Any]:
     """Score ``model`` on every listed name of ``data`` (``split="val"``: only the held-out names).
@@ -175,7 +161,7 @@ def evaluate_folder(
         "model": spec.name,
         "mode": mode,
         "split": split,
-        "tta": tta,
+        "tta": spec.tta == "flip" if tta is None else tta,
         "images": len(pairs),
         "skipped": skipped,
         "pixels": int(cm.sum()),

@@ -81,12 +81,36 @@ class LoadedModel:
     """A model ready to run.
 
     Semantic models: ``predict(x)`` takes ``(N, S, S, C) float32`` and returns ``(N, S, S, K) float32``
-    class probabilities. Instance models: ``raw`` is the detection callable (see pipelines.instances).
+    class probabilities, with the spec's test-time augmentation applied; ``single`` is one plain forward
+    pass (None: ``predict`` is one). Instance models: ``raw`` is the detection callable (see
+    pipelines.instances).
     """
 
     spec: ModelSpec
     predict: Callable[[np.ndarray], np.ndarray]
     raw: Any = None
+    single: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def forward(self, tta: bool | None = None) -> Callable[[np.ndarray], np.ndarray]:
+        """The batch predictor with flip TTA forced on (True), off (False) or as the spec says (None)."""
+        if tta is None:
+            return self.predict
+        one = self.single or self.predict
+        return flip_tta(one) if tta else one
+
+
+def flip_tta(predict: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """Test-time augmentation: mean of ``predict(x)`` and the un-flipped ``predict(flip_lr(x))``.
+
+    Works on ``(N, S, S, C)`` batches -> ``(N, S, S, K)``; one model call on a doubled batch.
+    """
+
+    def tta(x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        y = predict(np.concatenate([x, x[:, :, ::-1]], axis=0))
+        return 0.5 * (y[:n] + y[n:, :, ::-1])
+
+    return tta
 
 
 _cache: dict[tuple[str, str], LoadedModel] = {}
@@ -124,7 +148,9 @@ def _load_semantic(spec: ModelSpec) -> LoadedModel:
     def predict(x: np.ndarray) -> np.ndarray:
         return np.asarray(_fn(tf.convert_to_tensor(x, dtype=tf.float32)), dtype=np.float32)
 
-    return LoadedModel(spec=spec, predict=predict, raw=model if spec.source_format == "keras" else None)
+    raw = model if spec.source_format == "keras" else None
+    served = flip_tta(predict) if spec.tta == "flip" else predict
+    return LoadedModel(spec=spec, predict=served, raw=raw, single=predict)
 
 
 def load(name_or_path: str | ModelSpec) -> LoadedModel:

@@ -128,6 +128,37 @@ def test_flip_tta_is_symmetric(tiny_model):
     np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-5)
 
 
+def test_spec_tta_flip_is_what_the_service_runs_and_eval_follows_it(tmp_path, pets5, tiny_model):
+    """``"tta": "flip"`` in spec.json: the loaded model's predict is the flip average (what the worker
+    calls), ``single`` stays one pass, and eval uses the spec's choice unless told otherwise."""
+    import shutil
+
+    from pipelines.registry import load
+    from pipelines.spec import ModelSpec
+
+    root, _ = pets5
+    folder, model = tiny_model
+    flip_dir = tmp_path / "tiny-flip"
+    shutil.copytree(folder, flip_dir)
+    spec = ModelSpec.from_file(flip_dir / "spec.json").model_copy(update={"name": "tiny-flip", "tta": "flip"})
+    spec.to_file(flip_dir / "spec.json")
+    clear_cache()
+    loaded = load(str(flip_dir))
+    x = np.random.default_rng(1).random((3, 32, 32, 3), dtype=np.float32)
+    one = np.asarray(model(x, training=False))
+    np.testing.assert_allclose(loaded.single(x), one, atol=1e-5)
+    np.testing.assert_allclose(loaded.predict(x), 0.5 * (one + np.asarray(model(x[:, :, ::-1]))[:, :, ::-1]),
+                               atol=1e-5)
+    assert not np.allclose(loaded.predict(x), one, atol=1e-4)
+
+    as_spec = _run_eval("--model", str(flip_dir), "--data", str(root))
+    forced = _run_eval("--model", str(folder), "--data", str(root), "--tta")
+    plain = _run_eval("--model", str(flip_dir), "--data", str(root), "--no-tta")
+    assert as_spec["tta"] is True and plain["tta"] is False
+    assert as_spec["confusion"] == forced["confusion"]
+    assert plain["confusion"] == _run_eval("--model", str(folder), "--data", str(root))["confusion"]
+
+
 def test_bad_inputs_give_clear_errors(tmp_path, tiny_model):
     folder, _ = tiny_model
     res = CliRunner().invoke(eval_command, ["--model", "no-such-model", "--data", str(tmp_path)])
