@@ -88,7 +88,8 @@ def main() -> None:
 
     n = args.count
     append_result(f"Photo batch: {n} JPEGs through {args.model}", [
-        f"model: {spec.name}, input {spec.input_size}x{spec.input_size}, mode {spec.mode}, batch {args.batch}",
+        f"model: {spec.name}, input {spec.input_size}x{spec.input_size}, mode {spec.mode}, tta {spec.tta}, "
+        f"batch {args.batch}",
         f"raw batched predict on decoded, resized arrays: {raw:.1f} s -> {n / raw:.1f} images/s",
         f"end to end (decode, EXIF, normalise, predict, resize back, palette mask + overlay PNGs): {e2e:.1f} s "
         f"-> {n / e2e:.1f} images/s",
