@@ -57,7 +57,7 @@ def maskrcnn(export_dir: str | None, name: str | None, no_eval: bool, size: int,
     if size % 64:
         raise click.BadParameter("must be a multiple of 64 (the coarsest FPN level's stride)", param_hint="--size")
     try:
-        from pipelines.maskrcnn import MaskRCNNConfig, export_run, train_maskrcnn
+        from pipelines.maskrcnn import IncompatibleWeights, MaskRCNNConfig, export_run, train_maskrcnn
     except ImportError as e:  # pragma: no cover - depends on the install
         raise click.ClickException(f"{e}; install the training extra: pip install 'tileseg[train]'") from e
     from adapters.base import AdapterError
@@ -74,7 +74,7 @@ def maskrcnn(export_dir: str | None, name: str | None, no_eval: bool, size: int,
         if export_dir:
             report = export_run(run, export_dir, name=name, evaluate=not no_eval)
             click.echo(json.dumps(report, indent=2))
-    except (AdapterError, FileExistsError, FileNotFoundError, FloatingPointError, ValueError) as e:
+    except (AdapterError, FileExistsError, FileNotFoundError, FloatingPointError, IncompatibleWeights) as e:
         raise click.ClickException(str(e)) from e
 
 

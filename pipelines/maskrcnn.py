@@ -515,6 +515,10 @@ def train_maskrcnn(cfg: MaskRCNNConfig) -> Path:
     return out
 
 
+class IncompatibleWeights(ValueError):
+    """An exported model's variables do not fit the model built from the run's settings."""
+
+
 def load_exported_weights(model: Any, folder: str | Path) -> int:
     """Copy the weights of an exported SavedModel (a model folder with ``saved_model/``, or the SavedModel
     directory itself) into ``model``, built with the same architecture settings; returns the variable count.
@@ -533,10 +537,12 @@ def load_exported_weights(model: Any, folder: str | Path) -> int:
     keys = [f"weights/{i}/.ATTRIBUTES/VARIABLE_VALUE" for i in range(len(model.variables))]
     stored = sum(1 for k in shapes if k.startswith("weights/") and k.endswith("/.ATTRIBUTES/VARIABLE_VALUE"))
     if stored != len(keys):
-        raise ValueError(f"{saved} has {stored} variables, the model {len(keys)}: different architecture settings")
+        raise IncompatibleWeights(
+            f"{saved} has {stored} variables, the model {len(keys)}: different architecture settings")
     for key, var in zip(keys, model.variables, strict=True):
         if tuple(shapes[key]) != tuple(var.shape):
-            raise ValueError(f"{saved}: {key} has shape {shapes[key]}, the model's {var.name} {tuple(var.shape)}")
+            raise IncompatibleWeights(
+                f"{saved}: {key} has shape {shapes[key]}, the model's {var.name} {tuple(var.shape)}")
     for key, var in zip(keys, model.variables, strict=True):
         var.assign(reader.get_tensor(key))
     return len(keys)
