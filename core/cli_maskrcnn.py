@@ -40,6 +40,9 @@ __all__ = ["maskrcnn"]
 @click.option("--checkpoint-every", default=250, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--extra-train", "extra_train", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="pets: more training folders, e.g. from `train pseudo-label --instance-model` (their "
+                   "annotation lines give the species); names in --data's validation split are never used.")
 @click.option("--init-from", "init_from", type=click.Path(exists=True, file_okay=False),
               help="Start from an exported model folder's weights (e.g. pipelines/models/maskrcnn-pets) with a "
                    "fresh optimizer and learning-rate schedule; the architecture options must match.")
@@ -62,7 +65,10 @@ def maskrcnn(export_dir: str | None, name: str | None, no_eval: bool, size: int,
         raise click.ClickException(f"{e}; install the training extra: pip install 'tileseg[train]'") from e
     from adapters.base import AdapterError
 
+    kw["extra_train"] = list(kw["extra_train"])
     if dataset == "buildings":
+        if kw.pop("extra_train"):
+            raise click.BadParameter("only for --dataset pets", param_hint="--extra-train")
         kw.pop("mosaic_prob"), kw.pop("copy_paste_prob")
         cfg = MaskRCNNConfig.for_buildings(size=size, **kw)
     else:

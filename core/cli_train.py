@@ -77,16 +77,43 @@ def train_unet_command(export_dir: str | None, name: str, **kw) -> None:
               help="Pixels whose top probability is lower are left unlabeled (ignored in training).")
 @click.option("--tta/--no-tta", default=True, show_default=True, help="Average with the flipped image.")
 @click.option("--mode", type=click.Choice(["resize", "tile"]), default=None)
-def pseudo_label_command(model: str, data: str, out: str, threshold: float, tta: bool, mode: str | None) -> None:
-    """Self-training: label an unlabeled folder with a teacher model's confident pixels."""
+@click.option("--instance-model", default=None,
+              help="Write one-object instance labels for `train maskrcnn --extra-train` instead: the semantic "
+                   "teacher's foreground where this instance model's best detection agrees with it.")
+@click.option("--min-agreement", default=0.7, show_default=True, type=click.FloatRange(0, 1),
+              help="With --instance-model: least mask IoU between the two teachers; other photos are left out.")
+def pseudo_label_command(model: str, data: str, out: str, threshold: float, tta: bool, mode: str | None,
+                         instance_model: str | None, min_agreement: float) -> None:
+    """Self-training: label an unlabeled folder with a teacher model's confident pixels.
+
+    The annotation lines of DATA (e.g. oxford_pets' species and breed) are copied to OUT.
+    """
     from adapters.base import AdapterError
     from pipelines.evaluate import make_predictor, resolve_model
     from pipelines.registry import ModelNotFound, load
-    from pipelines.train import pseudo_label
+    from pipelines.train import pseudo_label, pseudo_label_instances
 
     try:
-        predictor = make_predictor(load(resolve_model(model)), mode=mode, tta=tta)
-        info = pseudo_label(predictor, data, out, threshold=threshold)
+        teacher = load(resolve_model(model))
+        predictor = make_predictor(teacher, mode=mode, tta=tta)
+        if instance_model:
+            from pipelines.instances import InstanceModelError, detect_image, rle_decode
+
+            if teacher.spec.background_class is None:
+                raise click.ClickException(f"{model}: its spec names no background_class, so no foreground")
+            detector = load(resolve_model(instance_model))
+
+            def best_mask(rgb):
+                found = detect_image(detector, rgb, score_threshold=0.0, max_detections=1)
+                return rle_decode(found[0].rle).astype(bool) if found else None
+
+            try:
+                info = pseudo_label_instances(predictor, best_mask, data, out, min_agreement=min_agreement,
+                                              background_index=teacher.spec.background_class)
+            except InstanceModelError as e:
+                raise click.ClickException(str(e)) from e
+        else:
+            info = pseudo_label(predictor, data, out, threshold=threshold)
     except (AdapterError, ModelNotFound) as e:
         raise click.ClickException(str(e)) from e
     click.echo(json.dumps(info))
@@ -132,7 +159,7 @@ def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction:
         raise click.BadParameter("oxford_pets folders have no test split here: use val or all",
                                  param_hint="--split")
     if spec.kind == "instance":
-        _eval_instances(spec, data, as_json, split, val_fraction)
+        _eval_instances(spec, data, as_json, split, val_fraction, tta)
         return
     try:
         report = evaluate_folder(model, data, split=split, val_fraction=val_fraction, mode=mode, tta=tta,
@@ -209,7 +236,8 @@ def _eval_domain(spec, folder: Path, layout: str, split: str, as_json: bool) -> 
         click.echo(f"{c['name']:<14}{dice:>8}{iou:>8}")
 
 
-def _eval_instances(spec, data: str, as_json: bool, split: str, val_fraction: float) -> None:  # noqa: ANN001
+def _eval_instances(spec, data: str, as_json: bool, split: str, val_fraction: float,  # noqa: ANN001
+                    tta: bool | None) -> None:
     from pipelines.instance_eval import evaluate_folder as evaluate_instances
     from pipelines.registry import load
     from pipelines.train import is_validation, list_names
@@ -218,10 +246,11 @@ def _eval_instances(spec, data: str, as_json: bool, split: str, val_fraction: fl
     if split == "val":
         names = [n for n in names if is_validation(n, val_fraction)]
     try:
-        metrics = evaluate_instances(load(spec), data, names=names)
+        metrics = evaluate_instances(load(spec), data, names=names, tta=tta)
     except (ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from e
-    report = {"model": spec.name, "kind": "instance", "split": split, "images": len(names), **metrics.to_json()}
+    report = {"model": spec.name, "kind": "instance", "split": split, "images": len(names),
+              "tta": spec.tta == "flip" if tta is None else tta, **metrics.to_json()}
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

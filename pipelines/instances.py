@@ -36,6 +36,7 @@ __all__ = [
     "detect_image",
     "detect_item",
     "detections_to_instances",
+    "fuse_detections",
     "instance_figures",
     "load_instance_model",
     "merge_instances",
@@ -46,6 +47,7 @@ __all__ = [
     "tile_windows",
     "to_coco_results",
     "to_uint8_rgb",
+    "unflip_detections",
 ]
 
 COCO_LABELS_PATH = Path(__file__).parent / "models" / "coco_labels.json"
@@ -122,9 +124,11 @@ class Detector:
 
     REQUIRED = ("detection_boxes", "detection_scores", "detection_classes")
 
-    def __init__(self, obj: Any, source: str = "") -> None:
+    def __init__(self, obj: Any, source: str = "", *, tta: bool = False) -> None:
         self.obj = obj
         self.source = source
+        #: Flip test-time augmentation: run on the image and its mirror and fuse (:func:`fuse_detections`).
+        self.tta = tta
         sigs = getattr(obj, "signatures", None)
         self._sig = sigs["serving_default"] if sigs is not None and "serving_default" in sigs else None
         self._input_name: str | None = None
@@ -138,12 +142,18 @@ class Detector:
         elif not callable(obj):
             raise InstanceModelError(f"{source}: SavedModel has no serving_default signature and is not callable")
 
-    def __call__(self, image: np.ndarray) -> Detections:
-        """Run on ``image`` ``(H, W, 3) uint8``."""
-        import tensorflow as tf
-
+    def __call__(self, image: np.ndarray, *, tta: bool | None = None) -> Detections:
+        """Run on ``image`` ``(H, W, 3) uint8``; ``tta`` overrides the detector's flip TTA setting."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"detector input must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+        if not (self.tta if tta is None else tta):
+            return self._once(image)
+        mirrored = self._once(np.ascontiguousarray(image[:, ::-1]))
+        return fuse_detections(self._once(image), unflip_detections(mirrored))
+
+    def _once(self, image: np.ndarray) -> Detections:
+        import tensorflow as tf
+
         x = tf.convert_to_tensor(image[None])
         try:
             out = self._sig(**{self._input_name: x}) if self._sig is not None else self.obj(x)
@@ -167,6 +177,92 @@ class Detector:
         )
 
 
+def unflip_detections(det: Detections) -> Detections:
+    """Detections of a left-right mirrored image mapped back onto the original (boxes and masks mirrored)."""
+    ymin, xmin, ymax, xmax = det.boxes.T if len(det.boxes) else np.zeros((4, 0), np.float32)
+    boxes = np.stack([ymin, 1.0 - xmax, ymax, 1.0 - xmin], axis=1).astype(np.float32).reshape(-1, 4)
+    masks = None if det.masks is None else np.ascontiguousarray(det.masks[:, :, ::-1])
+    return Detections(boxes=boxes, classes=det.classes.copy(), scores=det.scores.copy(), masks=masks)
+
+
+def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one ``(4,)`` box with ``(N, 4)`` boxes, all ``ymin, xmin, ymax, xmax``."""
+    ih = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
+    iw = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
+    inter = ih * iw
+    area = lambda b: np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)  # noqa: E731
+    return inter / np.maximum(area(box) + area(boxes) - inter, 1e-12)
+
+
+def _resample_matrix(lo: float, hi: float, new_lo: float, new_hi: float, m: int) -> np.ndarray:
+    """``(m, m)`` bilinear weights: samples of a box-relative mask axis on ``[lo, hi]`` -> on ``[new_lo, new_hi]``.
+
+    Sample ``i`` sits at the centre of cell ``i``; positions outside the source box get weight 0.
+    """
+    centres = new_lo + (np.arange(m) + 0.5) / m * (new_hi - new_lo)
+    pos = (centres - lo) / max(hi - lo, 1e-12) * m - 0.5  # continuous source index
+    w = np.zeros((m, m), np.float32)
+    inside = (pos >= -0.5) & (pos <= m - 0.5)
+    p = np.clip(pos, 0, m - 1)
+    i0 = np.floor(p).astype(int)
+    i1 = np.minimum(i0 + 1, m - 1)
+    f = (p - i0).astype(np.float32)
+    rows = np.flatnonzero(inside)
+    np.add.at(w, (rows, i0[rows]), 1 - f[rows])
+    np.add.at(w, (rows, i1[rows]), f[rows])
+    return w
+
+
+def _to_box(mask: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """A ``(h, w)`` box-relative mask of box ``src`` resampled into box ``dst`` (normalised yxyx)."""
+    h, w = mask.shape
+    wy = _resample_matrix(src[0], src[2], dst[0], dst[2], h)
+    wx = _resample_matrix(src[1], src[3], dst[1], dst[3], w)
+    return wy @ mask @ wx.T
+
+
+def fuse_detections(a: Detections, b: Detections, *, iou_threshold: float = 0.55) -> Detections:
+    """Fuse two passes over the same image (e.g. the image and its un-flipped mirror), class-aware.
+
+    Each detection of ``a`` (best first) is paired with the best-overlapping unpaired detection of ``b`` of
+    the same class (box IoU ≥ ``iou_threshold``). A pair becomes one detection: score-weighted mean box,
+    mean score, mean of both masks resampled into that box. A detection found by one pass only keeps its
+    box and mask with half its score, since the other pass did not confirm it. Output is score descending.
+    """
+    if not len(a.scores) or not len(b.scores):
+        lone = a if len(a.scores) else b
+        return Detections(lone.boxes, lone.classes, lone.scores * 0.5, lone.masks)
+    used = np.zeros(len(b.scores), bool)
+    boxes, classes, scores, masks = [], [], [], []
+    with_masks = a.masks is not None and b.masks is not None
+    for i in np.argsort(-a.scores, kind="stable"):
+        iou = _box_iou(a.boxes[i], b.boxes)
+        iou[(b.classes != a.classes[i]) | used] = -1.0
+        j = int(np.argmax(iou))
+        if iou[j] < iou_threshold:
+            boxes.append(a.boxes[i]), classes.append(a.classes[i]), scores.append(0.5 * a.scores[i])
+            if with_masks:
+                masks.append(a.masks[i])
+            continue
+        used[j] = True
+        wa, wb = float(a.scores[i]), float(b.scores[j])
+        box = (wa * a.boxes[i] + wb * b.boxes[j]) / max(wa + wb, 1e-12)
+        boxes.append(box), classes.append(a.classes[i]), scores.append(0.5 * (wa + wb))
+        if with_masks:
+            masks.append(0.5 * (_to_box(a.masks[i], a.boxes[i], box) + _to_box(b.masks[j], b.boxes[j], box)))
+    for j in np.flatnonzero(~used):
+        boxes.append(b.boxes[j]), classes.append(b.classes[j]), scores.append(0.5 * b.scores[j])
+        if with_masks:
+            masks.append(b.masks[j])
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    return Detections(
+        boxes=np.asarray(boxes, np.float32)[order],
+        classes=np.asarray(classes, np.int32)[order],
+        scores=np.asarray(scores, np.float32)[order],
+        masks=np.asarray(masks, np.float32)[order] if with_masks else None,
+    )
+
+
 def _not_semantic(x: np.ndarray) -> np.ndarray:
     raise TypeError("instance models have no per-pixel predict(); use pipelines.instances.detect_item/detect_image")
 
@@ -184,7 +280,8 @@ def load_instance_model(spec: ModelSpec) -> LoadedModel:
             f"not {spec.source_format!r}"
         )
     src = spec.resolve_source()
-    return LoadedModel(spec=spec, predict=_not_semantic, raw=Detector(load_hub(src), source=src))
+    return LoadedModel(spec=spec, predict=_not_semantic,
+                       raw=Detector(load_hub(src), source=src, tta=spec.tta == "flip"))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -398,16 +495,18 @@ def detect_image(
     *,
     score_threshold: float | None = None,
     max_detections: int | None = None,
+    tta: bool | None = None,
 ) -> list[Instance]:
     """Instances in one ``(H, W, 3) uint8`` image, score descending.
 
-    Thresholds default to the model spec's ``score_threshold`` / ``max_detections``. Detections whose
-    reframed mask is empty are dropped.
+    Thresholds default to the model spec's ``score_threshold`` / ``max_detections`` and flip TTA to its
+    ``tta``. Detections whose reframed mask is empty are dropped.
     """
     thr = model.spec.score_threshold if score_threshold is None else score_threshold
     mx = model.spec.max_detections if max_detections is None else max_detections
     h, w = image.shape[:2]
-    return detections_to_instances(_detector(model)(image), h, w, score_threshold=thr, max_detections=mx)
+    det = _detector(model)(image, tta=tta)
+    return detections_to_instances(det, h, w, score_threshold=thr, max_detections=mx)
 
 
 def _detector(model: LoadedModel) -> Detector:

@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +52,7 @@ __all__ = [
     "restore_model",
     "serving_preprocess",
     "train_maskrcnn",
+    "training_pets",
     "write_model_folder",
     "write_training_curve",
 ]
@@ -108,6 +109,9 @@ class MaskRCNNConfig:
     checkpoint_every: int = 250
     log_every: int = 20
     resume: bool = False
+    #: pets: more training folders laid out like oxford_pets (e.g. ``train pseudo-label --instance-model``
+    #: output); every listed name is used except those in ``data_dir``'s validation split.
+    extra_train: list[str] = field(default_factory=list)
     #: Start a new run from an exported model folder's weights (``saved_model/`` written by
     #: :func:`export_saved_model` with the same architecture settings); a fresh optimizer and schedule.
     init_from: str | None = None
@@ -365,6 +369,24 @@ class SampleGenerator:
             }
 
 
+def training_pets(cfg: MaskRCNNConfig) -> list[PetInstance]:
+    """The pets a run trains on: ``data_dir``'s training split plus every ``extra_train`` folder's listed
+    photos, minus any name in ``data_dir``'s validation split (so an extra folder cannot leak it)."""
+    from pipelines.train import list_names
+
+    train_names, val_names = _split(cfg.data_dir, cfg.val_fraction)
+    pets = load_pets(cfg.data_dir, train_names)
+    if not pets:
+        raise AdapterError(f"{cfg.data_dir}: no training photos with trimaps")
+    held_out = set(val_names)
+    for extra in cfg.extra_train:
+        more = load_pets(extra, [n for n in list_names(extra) if n not in held_out])
+        log.info("%s: %d more training pets", extra, len(more))
+        pets += more
+    log.info("training on %d pets (%d held out)", len(pets), len(val_names))
+    return pets
+
+
 def _samples(cfg: MaskRCNNConfig, split: str = "train") -> Iterator[dict[str, np.ndarray]]:
     """The training sample stream of ``cfg.dataset`` (decoder-layout dicts, see :class:`SampleGenerator`)."""
     if cfg.dataset == "buildings":
@@ -373,11 +395,7 @@ def _samples(cfg: MaskRCNNConfig, split: str = "train") -> Iterator[dict[str, np
         scenes = load_building_scenes(split, cfg.data_dir)
         log.info("training on %d scenes with %d buildings", len(scenes), sum(s.count for s in scenes))
         return iter(BuildingCropGenerator(scenes, cfg.size, max_instances=cfg.max_instances, seed=cfg.seed))
-    train_names, val_names = _split(cfg.data_dir, cfg.val_fraction)
-    pets = load_pets(cfg.data_dir, train_names)
-    if not pets:
-        raise AdapterError(f"{cfg.data_dir}: no training photos with trimaps")
-    log.info("training on %d pets (%d held out)", len(pets), len(val_names))
+    pets = training_pets(cfg)
     return iter(SampleGenerator(pets, cfg.size, mosaic_prob=cfg.mosaic_prob, copy_paste_prob=cfg.copy_paste_prob,
                                 max_instances=cfg.max_instances, seed=cfg.seed))
 

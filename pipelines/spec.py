@@ -77,8 +77,10 @@ class ModelSpec(BaseModel):
     overlap: int = Field(default=32, ge=0)
     batch_size: int = Field(default=8, ge=1, le=1024)
     blend: Literal["gaussian", "cosine", "constant"] = "gaussian"
-    #: Test-time augmentation the service applies to semantic models: ``flip`` averages the probabilities
-    #: with those of the left-right mirrored input (twice the model compute).
+    #: Test-time augmentation the service applies (twice the model compute). Semantic models: ``flip``
+    #: averages the probabilities with those of the left-right mirrored input. Instance models: ``flip``
+    #: runs the detector on the mirrored image too and fuses the two sets of detections
+    #: (:func:`pipelines.instances.fuse_detections`).
     tta: Literal["none", "flip"] = "none"
     #: Ground resolution the model was trained at, metres per pixel (rasters at other resolutions are
     #: resampled before inference and results returned on the input grid). None: use native pixels.

@@ -41,6 +41,7 @@ __all__ = [
     "make_dataset",
     "masked_pixel_accuracy",
     "pseudo_label",
+    "pseudo_label_instances",
     "split_names",
     "train_unet",
     "write_training_curve",
@@ -496,5 +497,82 @@ def pseudo_label(
         if not link.exists():
             link.symlink_to(img_path.resolve())
         done.append(name)
-    (out / "annotations" / "trainval.txt").write_text("".join(f"{n}\n" for n in done))
+    _write_list(out, done, _annotation_lines(unlabeled_dir))
     return {"images": len(done), "kept_fraction": kept / max(total, 1), "threshold": threshold}
+
+
+def _annotation_lines(data_dir: str | Path) -> dict[str, str]:
+    """``NAME -> `` its whole annotation line (e.g. oxford_pets' ``NAME CLASS-ID SPECIES BREED-ID``)."""
+    lines: dict[str, str] = {}
+    for lst in sorted((Path(data_dir) / "annotations").glob("*.txt")):
+        for line in lst.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                lines.setdefault(line.split()[0], line)
+    return lines
+
+
+def _write_list(out: Path, names: Sequence[str], lines: dict[str, str]) -> None:
+    # The source's own lines are kept so labels that exist without masks (oxford_pets' species) carry over.
+    (out / "annotations" / "trainval.txt").write_text("".join(f"{lines.get(n, n)}\n" for n in names))
+
+
+def pseudo_label_instances(
+    predict: Callable[[np.ndarray], np.ndarray],
+    detect: Callable[[np.ndarray], np.ndarray | None],
+    unlabeled_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    background_index: int,
+    min_agreement: float = 0.7,
+    box_margin: float = 0.1,
+) -> dict:
+    """Write one-object instance pseudo-labels for an unlabeled folder (``train maskrcnn --extra-train``).
+
+    Two different models must agree: ``predict`` maps an ``(H, W, 3) uint8`` photo to ``(H, W, K) float32``
+    semantic probabilities (foreground = argmax is not ``background_index``); ``detect`` maps it to the
+    ``(H, W) bool`` mask of an instance model's best detection, or ``None``. The label is the semantic
+    foreground inside the detection's box grown by ``box_margin`` of its size on each side (the semantic
+    model draws finer edges than a 28x28 mask head; the box drops stray blobs). Photos whose two masks
+    overlap with IoU below ``min_agreement`` are left out and counted. Trimaps get 1 (object) and 2
+    (background); the source's annotation lines (species, breed) are copied, so classes stay the real ones.
+    """
+    from PIL import Image
+
+    out = Path(out_dir)
+    for sub in ("images", "trimaps", "annotations"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    pairs, _ = load_pairs(unlabeled_dir, require_mask=False)
+    done: list[str] = []
+    skipped = {"unreadable": 0, "no_detection": 0, "disagree": 0}
+    agreement: list[float] = []
+    for name, img_path, _mask in pairs:
+        try:
+            rgb = np.asarray(Image.open(img_path).convert("RGB"))
+        except OSError as e:
+            log.warning("%s: unreadable photo skipped (%s)", img_path, e)
+            skipped["unreadable"] += 1
+            continue
+        found = detect(rgb)
+        if found is None or not found.any():
+            skipped["no_detection"] += 1
+            continue
+        fg = predict(rgb).argmax(-1) != background_index
+        iou = float((fg & found).sum() / max((fg | found).sum(), 1))
+        if iou < min_agreement:
+            skipped["disagree"] += 1
+            continue
+        rows, cols = np.flatnonzero(found.any(1)), np.flatnonzero(found.any(0))
+        dy = int(box_margin * (rows[-1] - rows[0] + 1))
+        dx = int(box_margin * (cols[-1] - cols[0] + 1))
+        inside = np.zeros_like(fg)
+        inside[max(rows[0] - dy, 0): rows[-1] + dy + 1, max(cols[0] - dx, 0): cols[-1] + dx + 1] = True
+        Image.fromarray(np.where(fg & inside, 1, 2).astype(np.uint8)).save(out / "trimaps" / f"{name}.png")
+        link = out / "images" / img_path.name
+        if not link.exists():
+            link.symlink_to(img_path.resolve())
+        done.append(name)
+        agreement.append(iou)
+    _write_list(out, done, _annotation_lines(unlabeled_dir))
+    return {"images": len(done), "skipped": skipped, "min_agreement": min_agreement,
+            "mean_agreement": float(np.mean(agreement)) if agreement else None}

@@ -307,3 +307,36 @@ def test_shipped_model_finds_the_pet_on_a_held_out_photo():
             best = max(found, key=lambda i: _iou(rle_decode(i.rle).astype(bool), pet.mask))
             hits += _iou(rle_decode(best.rle).astype(bool), pet.mask) >= 0.5
     assert hits >= len(samples) // 2, f"pet found (mask IoU >= 0.5) on {hits} of {len(samples)} held-out photos"
+
+
+def test_extra_training_folders_add_pets_but_never_validation_names(tmp_path):
+    from PIL import Image
+
+    from pipelines.maskrcnn import training_pets
+    from pipelines.train import list_names, split_names
+
+    pets = _pets_dir()
+    train, val = split_names(list_names(pets))
+    data = tmp_path / "data"
+    for sub in ("images", "trimaps", "annotations"):
+        (data / sub).mkdir(parents=True)
+    for n in train[:3] + val[:1]:
+        (data / "images" / f"{n}.jpg").symlink_to(pets / "images" / f"{n}.jpg")
+        (data / "trimaps" / f"{n}.png").symlink_to(pets / "trimaps" / f"{n}.png")
+    (data / "annotations" / "trainval.txt").write_text("".join(f"{n} 1 1 1\n" for n in train[:3] + val[:1]))
+    extra = tmp_path / "extra"
+    for sub in ("images", "trimaps", "annotations"):
+        (extra / sub).mkdir(parents=True)
+    mask = np.full((40, 50), 2, np.uint8)
+    mask[10:30, 10:40] = 1
+    for n in ("pomeranian_4", val[0]):  # a new photo, and a leaked validation name
+        Image.fromarray(np.full((40, 50, 3), 100, np.uint8)).save(extra / "images" / f"{n}.jpg")
+        Image.fromarray(mask).save(extra / "trimaps" / f"{n}.png")
+    (extra / "annotations" / "trainval.txt").write_text(f"pomeranian_4 25 2 19\n{val[0]} 1 1 1\n")
+    cfg = MaskRCNNConfig(data_dir=str(data), out=str(tmp_path / "run"), val_fraction=0.15,
+                         extra_train=[str(extra)])
+    got = training_pets(cfg)
+    names = [p.name for p in got]
+    assert sorted(names) == sorted(train[:3] + ["pomeranian_4"])
+    new = got[names.index("pomeranian_4")]
+    assert new.class_id == 2 and new.mask.sum() == 20 * 30

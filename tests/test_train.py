@@ -221,3 +221,61 @@ def test_pseudo_label_thresholds(tmp_path):
     # The output folder is itself a training folder.
     pairs, missing = load_pairs(tmp_path / "all")
     assert len(pairs) == 2 and missing == 0
+
+
+def _synthetic_unlabeled(root: Path, lines: list[str], size: tuple[int, int] = (60, 80)) -> Path:
+    from PIL import Image
+
+    for sub in ("images", "annotations"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for line in lines:
+        Image.fromarray(np.full((*size, 3), 90, np.uint8)).save(root / "images" / f"{line.split()[0]}.jpg")
+    (root / "annotations" / "trainval.txt").write_text("".join(f"{ln}\n" for ln in lines))
+    return root
+
+
+def test_pseudo_label_keeps_the_source_annotation_lines(tmp_path):
+    lines = ["Maine_Coon_1 21 1 7", "pomeranian_4 25 2 19"]
+    src = _synthetic_unlabeled(tmp_path / "u", lines)
+    info = pseudo_label(lambda rgb: np.full((*rgb.shape[:2], 3), 1 / 3, np.float32), src, tmp_path / "p",
+                        threshold=0.0)
+    assert info["images"] == 2
+    assert (tmp_path / "p" / "annotations" / "trainval.txt").read_text().splitlines() == lines
+
+
+def test_instance_pseudo_labels_need_two_teachers_to_agree(tmp_path):
+    from PIL import Image
+
+    from pipelines.instance_eval import list_pet_samples
+    from pipelines.train import pseudo_label_instances
+
+    lines = ["Maine_Coon_1 21 1 7", "pomeranian_4 25 2 19", "havanese_9 15 2 13"]
+    src = _synthetic_unlabeled(tmp_path / "u", lines)
+    obj = np.zeros((60, 80), bool)
+    obj[20:41, 30:51] = True
+
+    def semantic(rgb: np.ndarray) -> np.ndarray:
+        fg = obj.copy()
+        fg[0:4, 0:4] = True  # a stray blob far from the detection: agreement stays high, but not labelled
+        p = np.zeros((*rgb.shape[:2], 3), np.float32)
+        p[..., 0], p[..., 1] = fg, ~fg  # class 1 = background
+        return p
+
+    detections = {0: obj, 1: np.zeros_like(obj), 2: None}
+    detections[1][0:10, 0:10] = True  # the instance model sees something else: the photo is left out
+    calls = iter(range(3))
+
+    def detect(rgb: np.ndarray) -> np.ndarray | None:
+        return detections[next(calls)]
+
+    info = pseudo_label_instances(semantic, detect, src, tmp_path / "inst", background_index=1,
+                                  min_agreement=0.7)
+    assert info["images"] == 1
+    assert info["skipped"] == {"unreadable": 0, "no_detection": 1, "disagree": 1}
+    assert info["mean_agreement"] == pytest.approx(obj.sum() / (obj.sum() + 16))
+    trimap = np.asarray(Image.open(tmp_path / "inst" / "trimaps" / "Maine_Coon_1.png"))
+    np.testing.assert_array_equal(trimap, np.where(obj, 1, 2))
+    assert (tmp_path / "inst" / "annotations" / "trainval.txt").read_text() == "Maine_Coon_1 21 1 7\n"
+    # the folder is an instance training folder whose species come from the source lines
+    (sample,) = list_pet_samples(tmp_path / "inst")
+    assert sample.name == "Maine_Coon_1" and sample.category_id == 1
