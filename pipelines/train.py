@@ -63,16 +63,9 @@ def list_names(data_dir: str | Path) -> list[str]:
     Raises :class:`AdapterError` when the folder has no annotation list.
     """
     data_dir = Path(data_dir)
-    lists = sorted((data_dir / "annotations").glob("*.txt"))
-    if not lists:
+    if not any((data_dir / "annotations").glob("*.txt")):
         raise AdapterError(f"{data_dir}: no annotations/*.txt listing image names")
-    names: dict[str, None] = {}
-    for lst in lists:
-        for line in lst.read_text().splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                names.setdefault(line.split()[0], None)
-    return list(names)
+    return list(_annotation_lines(data_dir))
 
 
 def _find_image(data_dir: Path, name: str) -> Path | None:
@@ -474,10 +467,7 @@ def pseudo_label(
     """
     from PIL import Image
 
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "trimaps").mkdir(parents=True, exist_ok=True)
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    out = _pets_layout(out_dir)
     pairs, _ = load_pairs(unlabeled_dir, require_mask=False)
     kept, total, done = 0, 0, []
     for name, img_path, _mask in pairs:
@@ -493,12 +483,23 @@ def pseudo_label(
         kept += int(confident.sum())
         total += confident.size
         Image.fromarray(label).save(out / "trimaps" / f"{name}.png")
-        link = out / "images" / img_path.name
-        if not link.exists():
-            link.symlink_to(img_path.resolve())
+        _link_photo(out, img_path)
         done.append(name)
     _write_list(out, done, _annotation_lines(unlabeled_dir))
     return {"images": len(done), "kept_fraction": kept / max(total, 1), "threshold": threshold}
+
+
+def _pets_layout(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    for sub in ("images", "trimaps", "annotations"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _link_photo(out: Path, img_path: Path) -> None:
+    link = out / "images" / img_path.name
+    if not link.exists():
+        link.symlink_to(img_path.resolve())
 
 
 def _annotation_lines(data_dir: str | Path) -> dict[str, str]:
@@ -539,9 +540,7 @@ def pseudo_label_instances(
     """
     from PIL import Image
 
-    out = Path(out_dir)
-    for sub in ("images", "trimaps", "annotations"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    out = _pets_layout(out_dir)
     pairs, _ = load_pairs(unlabeled_dir, require_mask=False)
     done: list[str] = []
     skipped = {"unreadable": 0, "no_detection": 0, "disagree": 0}
@@ -568,9 +567,7 @@ def pseudo_label_instances(
         inside = np.zeros_like(fg)
         inside[max(rows[0] - dy, 0): rows[-1] + dy + 1, max(cols[0] - dx, 0): cols[-1] + dx + 1] = True
         Image.fromarray(np.where(fg & inside, 1, 2).astype(np.uint8)).save(out / "trimaps" / f"{name}.png")
-        link = out / "images" / img_path.name
-        if not link.exists():
-            link.symlink_to(img_path.resolve())
+        _link_photo(out, img_path)
         done.append(name)
         agreement.append(iou)
     _write_list(out, done, _annotation_lines(unlabeled_dir))
