@@ -27,9 +27,9 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from keras import ops
 
 from adapters.base import AdapterError
+from pipelines.losses import IGNORE, DiceCELoss, masked_pixel_accuracy
 
 __all__ = [
     "IGNORE",
@@ -49,8 +49,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Label value for pixels the loss and metrics skip (unknown / low-confidence pseudo-label).
-IGNORE = 255
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
 
@@ -201,52 +199,6 @@ def make_dataset(
     else:
         ds = ds.map(lambda i, m: _resize_eval(i, m, size), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-# --------------------------------------------------------------------------------------------- loss
-
-
-@keras.saving.register_keras_serializable(package="tileseg")
-class DiceCELoss(keras.losses.Loss):
-    """Cross-entropy plus ``dice_weight`` x (1 - mean soft Dice over classes), skipping IGNORE pixels.
-
-    ``y_true`` ``(N, H, W, 1)`` integer class ids, ``y_pred`` ``(N, H, W, K)`` softmax probabilities. The
-    Dice term is computed over the whole batch (per class), which is stable for classes as thin as the
-    pets' outline band.
-    """
-
-    def __init__(self, num_classes: int = 3, dice_weight: float = 1.0, name: str = "dice_ce", **kw):
-        super().__init__(name=name, **kw)
-        self.num_classes = num_classes
-        self.dice_weight = dice_weight
-
-    def call(self, y_true, y_pred):
-        y = ops.cast(ops.squeeze(y_true, -1), "int32")
-        valid = ops.cast(ops.not_equal(y, IGNORE), "float32")
-        y = ops.where(y == IGNORE, 0, y)
-        onehot = ops.one_hot(y, self.num_classes) * valid[..., None]
-        p = ops.clip(y_pred, 1e-7, 1.0)
-        n_valid = ops.maximum(ops.sum(valid), 1.0)
-        ce = -ops.sum(onehot * ops.log(p)) / n_valid
-        if not self.dice_weight:
-            return ce
-        pv = y_pred * valid[..., None]
-        inter = ops.sum(pv * onehot, axis=(0, 1, 2))
-        denom = ops.sum(pv, axis=(0, 1, 2)) + ops.sum(onehot, axis=(0, 1, 2))
-        dice = (2.0 * inter + 1.0) / (denom + 1.0)
-        return ce + self.dice_weight * (1.0 - ops.mean(dice))
-
-    def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes, "dice_weight": self.dice_weight}
-
-
-@keras.saving.register_keras_serializable(package="tileseg")
-def masked_pixel_accuracy(y_true, y_pred):
-    """Fraction of non-IGNORE pixels whose argmax equals the label (a Keras metric function)."""
-    y = ops.cast(ops.squeeze(y_true, -1), "int32")
-    valid = ops.cast(ops.not_equal(y, IGNORE), "float32")
-    hit = ops.cast(ops.equal(ops.cast(ops.argmax(y_pred, -1), "int32"), y), "float32") * valid
-    return ops.sum(hit) / ops.maximum(ops.sum(valid), 1.0)
 
 
 def _custom_objects() -> dict:
@@ -416,8 +368,9 @@ def train_unet(cfg: TrainConfig) -> Path:
 # --------------------------------------------------------------------------------------------- outputs
 
 
-def write_training_curve(history_csv: str | Path, png: str | Path) -> None:
-    """Plot loss and validation mean IoU / pixel accuracy per epoch from a Keras CSVLogger file."""
+def write_training_curve(history_csv: str | Path, png: str | Path, val_title: str = "validation (128x128)") -> None:
+    """Plot loss and validation mean IoU / pixel accuracy per epoch from a Keras CSVLogger file (or the same
+    columns written by :mod:`pipelines.train_jax`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -443,7 +396,7 @@ def write_training_curve(history_csv: str | Path, png: str | Path) -> None:
     b.plot(x, col("mean_iou"), label="train mean IoU")
     b.plot(x, col("val_mean_iou"), label="val mean IoU")
     b.plot(x, col("val_masked_pixel_accuracy"), label="val pixel acc")
-    b.set(xlabel="epoch", ylim=(0, 1), title="validation (128x128)")
+    b.set(xlabel="epoch", ylim=(0, 1), title=val_title)
     b.grid(alpha=0.3)
     b.legend()
     fig.tight_layout()

@@ -1,0 +1,511 @@
+"""U-Net training on the JAX backend of Keras 3, for accelerator hosts that have JAX but no TensorFlow.
+
+The model (:func:`pipelines.unet.build_unet`), the loss (:class:`pipelines.losses.DiceCELoss`), the Adam
+optimizer and the augmentation recipe are those of :mod:`pipelines.train`; only the engine differs. The whole
+training set sits on the accelerator as padded ``uint8`` canvases, and each step crops, resizes, flips and
+colour-jitters its batch there inside one jitted function, so a small U-Net is not starved by a host-side
+input pipeline. The learning-rate schedule follows a wall-clock budget (``--budget-s``) instead of an epoch
+count, because accelerator time is what is rationed.
+
+Two commands::
+
+    # on the TensorFlow host: photos and label PNGs as encoded bytes in one .npz (no pickle)
+    python -m pipelines.train_jax pack --data ../shared/data/oxford_pets --extra-train runs/pseudo \\
+        --out .gpu/pets.npz
+    # on the JAX host
+    KERAS_BACKEND=jax python -m pipelines.train_jax fit --pack .gpu/pets.npz --out OUT --size 192 \\
+        --base-filters 24 --budget-s 400
+
+``fit`` writes ``OUT/weights.npz`` (every variable by its Keras path, loadable into a model built here with
+:func:`load_weights_npz` whatever the Keras versions on either side), ``OUT/history.csv`` (columns of
+:func:`pipelines.train.write_training_curve`) and ``OUT/run.json`` (configuration, timings, device). The
+validation split is the one of :func:`pipelines.train.is_validation`; ``fit`` only logs scores on it and keeps
+the last step's weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "FitConfig",
+    "PackedData",
+    "crop_coords",
+    "load_pack",
+    "load_weights_npz",
+    "lr_at",
+    "pack_folders",
+]
+
+#: Split codes stored in a pack.
+TRAIN, EXTRA, VAL = 0, 1, 2
+_IGNORE = 255
+
+
+# --------------------------------------------------------------------------------------------- packing
+
+
+def pack_folders(
+    data: str | Path, out: str | Path, extra_train: list[str | Path] | None = None, val_fraction: float = 0.15
+) -> dict:
+    """Write the training/validation split of ``data`` and every name of ``extra_train`` to ``out`` (.npz).
+
+    Files are stored as their encoded bytes (JPEG/PNG), so a pack of the pets folders is about 15 MB. Arrays:
+    ``blob`` uint8, ``img_off``/``lab_off`` int64 offsets ``(N + 1,)`` into it, ``split`` uint8 ``(N,)``
+    (0 train, 1 extra train, 2 validation) and ``names`` (unicode). Returns counts per split.
+    """
+    from pipelines.train import list_names, load_pairs, split_names
+
+    names = list_names(data)
+    train, val = split_names(names, val_fraction)
+    entries: list[tuple[str, Path, Path, int]] = []
+    for group, code in ((train, TRAIN), (val, VAL)):
+        pairs, _ = load_pairs(data, group)
+        entries += [(n, i, m, code) for n, i, m in pairs]
+    val_set = set(val)
+    for extra in extra_train or []:
+        pairs, _ = load_pairs(extra)
+        # A name of the validation split never trains, whichever folder lists it.
+        entries += [(n, i, m, EXTRA) for n, i, m in pairs if n not in val_set]
+    blob, img_off, lab_off = bytearray(), [0], [0]
+    for _, img, lab, _ in entries:
+        blob += img.read_bytes()
+        img_off.append(len(blob))
+        blob += lab.read_bytes()
+        lab_off.append(len(blob))
+    # Offsets: image k is blob[lab_off[k]:img_off[k+1]], its label blob[img_off[k+1]:lab_off[k+1]].
+    np.savez(
+        out,
+        blob=np.frombuffer(bytes(blob), np.uint8),
+        img_off=np.asarray(img_off, np.int64),
+        lab_off=np.asarray(lab_off, np.int64),
+        split=np.asarray([e[3] for e in entries], np.uint8),
+        names=np.asarray([e[0] for e in entries]),
+        val_fraction=np.float64(val_fraction),
+    )
+    codes = [e[3] for e in entries]
+    return {"train": codes.count(TRAIN), "extra": codes.count(EXTRA), "val": codes.count(VAL)}
+
+
+@dataclass
+class PackedData:
+    """Decoded pack: ``images (N, C, C, 3) uint8`` and ``labels (N, C, C) uint8`` top-left aligned on a
+    ``C x C`` canvas, ``hw (N, 2) int32`` the real sizes, ``split (N,) uint8``. Labels are class ids
+    (trimap value - ``label_offset``), 255 where unknown or outside the photo."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    hw: np.ndarray
+    split: np.ndarray
+    names: list[str]
+
+
+def load_pack(path: str | Path, label_offset: int = 1, max_side: int = 512) -> PackedData:
+    """Decode a pack written by :func:`pack_folders`. Photos longer than ``max_side`` are shrunk to it."""
+    from PIL import Image
+
+    z = np.load(path, allow_pickle=False)
+    blob, img_off, lab_off = z["blob"], z["img_off"], z["lab_off"]
+    ims, labs = [], []
+    for k in range(len(z["split"])):
+        img = Image.open(io.BytesIO(blob[lab_off[k] : img_off[k + 1]].tobytes())).convert("RGB")
+        lab = Image.open(io.BytesIO(blob[img_off[k + 1] : lab_off[k + 1]].tobytes()))
+        if lab.size != img.size:
+            lab = lab.resize(img.size, Image.NEAREST)
+        if max(img.size) > max_side:
+            s = max_side / max(img.size)
+            size = (max(1, round(img.width * s)), max(1, round(img.height * s)))
+            img, lab = img.resize(size, Image.BILINEAR), lab.resize(size, Image.NEAREST)
+        ims.append(np.asarray(img, np.uint8))
+        lab = np.asarray(lab).astype(np.int32)
+        if lab.ndim == 3:
+            lab = lab[..., 0]
+        lab = lab - label_offset
+        labs.append(np.where(lab < 0, _IGNORE, lab).astype(np.uint8))
+    c = max(max(i.shape[:2]) for i in ims)
+    images = np.zeros((len(ims), c, c, 3), np.uint8)
+    labels = np.full((len(ims), c, c), _IGNORE, np.uint8)
+    hw = np.zeros((len(ims), 2), np.int32)
+    for k, (i, m) in enumerate(zip(ims, labs, strict=True)):
+        images[k, : i.shape[0], : i.shape[1]] = i
+        labels[k, : m.shape[0], : m.shape[1]] = m
+        hw[k] = i.shape[:2]
+    return PackedData(images, labels, hw, z["split"].copy(), [str(n) for n in z["names"]])
+
+
+# --------------------------------------------------------------------------------------------- numeric core
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.02) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``floor * peak`` at ``total`` steps
+    (the schedule of :mod:`pipelines.train`, per step instead of per epoch)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def crop_coords(xp, oy, ox, ch, cw, size: int, flip):
+    """Source coordinates of a ``size x size`` resample of the crop ``[oy, oy+ch) x [ox, ox+cw)``.
+
+    Half-pixel centres, as ``tf.image.resize``: output pixel ``i`` samples source row
+    ``oy + (i + 0.5) * ch / size - 0.5``, clamped to the crop. ``flip`` mirrors the columns. ``xp`` is
+    ``numpy`` or ``jax.numpy``; arguments are scalars. Returns float ``(size,)`` rows and columns.
+    """
+    i = xp.arange(size, dtype=xp.float32) + 0.5
+    ys = xp.clip(oy + i * ch / size - 0.5, oy, oy + ch - 1)
+    xs = xp.clip(ox + i * cw / size - 0.5, ox, ox + cw - 1)
+    xs = xp.where(flip, xs[::-1], xs)
+    return ys, xs
+
+
+def _bilinear(xp, img, ys, xs):
+    """``img (H, W, C)`` sampled at the grid ``ys x xs`` -> ``(len(ys), len(xs), C) float32``."""
+    y0 = xp.floor(ys).astype(xp.int32)
+    x0 = xp.floor(xs).astype(xp.int32)
+    y1 = xp.minimum(y0 + 1, img.shape[0] - 1)
+    x1 = xp.minimum(x0 + 1, img.shape[1] - 1)
+    wy = (ys - y0)[:, None, None]
+    wx = (xs - x0)[None, :, None]
+    f = img.astype(xp.float32)
+    top = f[y0][:, x0] * (1 - wx) + f[y0][:, x1] * wx
+    bot = f[y1][:, x0] * (1 - wx) + f[y1][:, x1] * wx
+    return top * (1 - wy) + bot * wy
+
+
+def _nearest(xp, lab, ys, xs):
+    """``lab (H, W)`` at the grid, nearest neighbour (``floor(x + 0.5)``, as the half-pixel rule)."""
+    yi = xp.floor(ys + 0.5).astype(xp.int32)
+    xi = xp.floor(xs + 0.5).astype(xp.int32)
+    return lab[yi][:, xi]
+
+
+# --------------------------------------------------------------------------------------------- JAX engine
+
+
+@dataclass
+class FitConfig:
+    """Everything a ``fit`` run depends on (written to ``OUT/run.json``)."""
+
+    pack: str
+    out: str
+    size: int = 192
+    base_filters: int = 24
+    depth: int = 4
+    norm: str = "batch"
+    dropout: float = 0.1
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.03
+    dice_weight: float = 1.0
+    budget_s: float = 400.0
+    seed: int = 0
+    evals: int = 40
+    label_offset: int = 1
+    num_classes: int = 3
+
+
+def _augment_fn(size: int):
+    import jax
+    import jax.numpy as jnp
+
+    def one(key, img, lab, hw):
+        k = jax.random.split(key, 9)
+        h, w = hw[0].astype(jnp.float32), hw[1].astype(jnp.float32)
+        u = lambda kk, lo=0.0, hi=1.0: jax.random.uniform(kk, (), jnp.float32, lo, hi)  # noqa: E731
+        scale, log_ar = u(k[0], 0.55, 1.0), u(k[1], -0.25, 0.25)
+        ch = jnp.minimum(h, jnp.round(h * scale * jnp.exp(log_ar / 2)))
+        cw = jnp.minimum(w, jnp.round(w * scale * jnp.exp(-log_ar / 2)))
+        oy = jnp.floor(u(k[2]) * (h - ch + 1))
+        ox = jnp.floor(u(k[3]) * (w - cw + 1))
+        ys, xs = crop_coords(jnp, oy, ox, ch, cw, size, u(k[4]) < 0.5)
+        x = _bilinear(jnp, img, ys, xs) / 255.0
+        y = _nearest(jnp, lab, ys, xs)
+        # Colour jitter with tf.image's ranges: brightness, contrast, saturation, hue (YIQ rotation).
+        x = x + u(k[5], -0.15, 0.15)
+        mean = x.mean(axis=(0, 1), keepdims=True)
+        x = (x - mean) * u(k[6], 0.7, 1.3) + mean
+        grey = x @ jnp.asarray([0.299, 0.587, 0.114], jnp.float32)
+        x = grey[..., None] + (x - grey[..., None]) * u(k[7], 0.6, 1.4)
+        theta = u(k[8], -0.04, 0.04) * 2 * jnp.pi
+        to_yiq = jnp.asarray([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+        c, s = jnp.cos(theta), jnp.sin(theta)
+        rot = jnp.asarray([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+        rot = rot.at[1, 1].set(c).at[1, 2].set(-s).at[2, 1].set(s).at[2, 2].set(c)
+        m = jnp.linalg.inv(to_yiq) @ rot @ to_yiq
+        x = x @ m.T
+        return jnp.clip(x, 0.0, 1.0), y
+
+    return jax.vmap(one)
+
+
+def _confusion(y, pred, k: int) -> np.ndarray:
+    valid = y != _IGNORE
+    return np.bincount(y[valid].astype(np.int64) * k + pred[valid], minlength=k * k).reshape(k, k)
+
+
+def _scores(cm: np.ndarray) -> tuple[float, float]:
+    """(pixel accuracy, mean IoU) of a confusion matrix (rows truth, columns prediction)."""
+    tp = np.diag(cm).astype(float)
+    union = cm.sum(0) + cm.sum(1) - tp
+    return float(tp.sum() / max(cm.sum(), 1)), float(np.mean(tp / np.maximum(union, 1)))
+
+
+def _val_arrays(data: PackedData, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validation photos resized to ``size`` (bilinear) and labels (nearest), as the 128x128 report."""
+    from PIL import Image
+
+    idx = np.flatnonzero(data.split == VAL)
+    xs, ys = [], []
+    for k in idx:
+        h, w = data.hw[k]
+        xs.append(np.asarray(Image.fromarray(data.images[k, :h, :w]).resize((size, size), Image.BILINEAR)))
+        ys.append(np.asarray(Image.fromarray(data.labels[k, :h, :w]).resize((size, size), Image.NEAREST)))
+    return np.stack(xs).astype(np.float32) / 255.0, np.stack(ys)
+
+
+def fit(cfg: FitConfig) -> dict:
+    """Train a U-Net on a pack within ``cfg.budget_s`` seconds of stepping; see the module docstring."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import jax
+    import jax.numpy as jnp
+    import keras
+
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(f"fit needs the JAX backend of Keras; KERAS_BACKEND is {keras.backend.backend()!r}")
+    from pipelines.losses import DiceCELoss
+    from pipelines.unet import UNetConfig, build_unet
+
+    t_start = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_pack(cfg.pack, cfg.label_offset)
+    train_idx = np.flatnonzero(data.split != VAL)
+    val_x, val_y = _val_arrays(data, cfg.size)
+    keras.utils.set_random_seed(cfg.seed)
+    model = build_unet(UNetConfig(input_size=cfg.size, num_classes=cfg.num_classes, base_filters=cfg.base_filters,
+                                  depth=cfg.depth, norm=cfg.norm, dropout=cfg.dropout))
+    opt = keras.optimizers.Adam(cfg.learning_rate, weight_decay=cfg.weight_decay or None)
+    opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    opt.build(model.trainable_variables)
+    lr_slot = [i for i, v in enumerate(opt.variables) if v.path.endswith("learning_rate")]
+    if len(lr_slot) != 1:
+        raise RuntimeError("cannot find the optimizer's learning-rate variable")
+    lr_slot = lr_slot[0]
+    loss_obj = DiceCELoss(num_classes=cfg.num_classes, dice_weight=cfg.dice_weight)
+    augment = _augment_fn(cfg.size)
+
+    images = jax.device_put(data.images)
+    labels = jax.device_put(data.labels)
+    hws = jax.device_put(data.hw)
+
+    def loss_fn(tv, ntv, x, y):
+        probs, ntv = model.stateless_call(tv, ntv, x, training=True)
+        return loss_obj(y[..., None], probs), ntv
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    @jax.jit
+    def train_step(state, idx, key, lr):
+        tv, ntv, ov = state
+        x, y = augment(jax.random.split(key, idx.shape[0]), images[idx], labels[idx], hws[idx])
+        (loss, ntv), grads = grad_fn(tv, ntv, x, y)
+        ov = list(ov)
+        ov[lr_slot] = lr.astype(ov[lr_slot].dtype)
+        tv, ov = opt.stateless_apply(ov, grads, tv)
+        return (tv, ntv, ov), loss
+
+    @jax.jit
+    def predict(tv, ntv, x):
+        probs, _ = model.stateless_call(tv, ntv, x, training=False)
+        return probs
+
+    state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
+             [v.value for v in opt.variables])
+    rng = np.random.default_rng(cfg.seed)
+    key = jax.random.PRNGKey(cfg.seed)
+    perm: list[int] = []
+
+    def next_idx() -> np.ndarray:
+        nonlocal perm
+        if len(perm) < cfg.batch_size:
+            perm = perm + list(rng.permutation(train_idx))
+        b, perm = perm[: cfg.batch_size], perm[cfg.batch_size :]
+        return np.asarray(b, np.int32)
+
+    def evaluate(st) -> tuple[float, float, float]:
+        cm = np.zeros((cfg.num_classes,) * 2, np.int64)
+        vloss = []
+        for s in range(0, len(val_x), 32):
+            p = predict(st[0], st[1], jnp.asarray(val_x[s : s + 32]))
+            vloss.append(float(loss_obj(jnp.asarray(val_y[s : s + 32, ..., None]), p)) * len(p))
+            cm += _confusion(val_y[s : s + 32], np.asarray(p.argmax(-1)), cfg.num_classes)
+        acc, miou = _scores(cm)
+        return acc, miou, sum(vloss) / len(val_x)
+
+    # Calibrate: compile, then time steps at the warm-up's first learning rate to size the schedule.
+    t0 = time.time()
+    key, sub = jax.random.split(key)
+    state, loss = train_step(state, next_idx(), sub, jnp.float32(cfg.learning_rate / 100))
+    loss.block_until_ready()
+    compile_s = time.time() - t0
+    t0 = time.time()
+    n_cal = 10
+    for _ in range(n_cal):
+        key, sub = jax.random.split(key)
+        state, loss = train_step(state, next_idx(), sub, jnp.float32(cfg.learning_rate / 100))
+    loss.block_until_ready()
+    step_s = (time.time() - t0) / n_cal
+    total = max(20, int((cfg.budget_s - (time.time() - t_start)) / step_s))
+    warmup = max(1, int(cfg.warmup_frac * total))
+    eval_every = max(1, total // cfg.evals)
+    steps_per_epoch = len(train_idx) / cfg.batch_size
+    print(f"compile {compile_s:.1f}s, {step_s * 1000:.1f} ms/step, {total} steps "
+          f"({total / steps_per_epoch:.0f} epochs of {len(train_idx)} photos)", flush=True)
+
+    hist = out / "history.csv"
+    fields = ["epoch", "step", "learning_rate", "loss", "val_loss", "val_mean_iou", "val_masked_pixel_accuracy",
+              "elapsed_s"]
+    with open(hist, "w", newline="") as f:
+        csv.writer(f).writerow(fields)
+    losses: list[float] = []
+    t_train = time.time()
+    for step in range(total):
+        key, sub = jax.random.split(key)
+        lr = lr_at(step, total, cfg.learning_rate, warmup)
+        state, loss = train_step(state, next_idx(), sub, jnp.float32(lr))
+        losses.append(loss)
+        if (step + 1) % eval_every == 0 or step + 1 == total:
+            tr_loss = float(np.mean([float(v) for v in losses]))
+            losses = []
+            acc, miou, vloss = evaluate(state)
+            row = [int(round((step + 1) / steps_per_epoch)), step + 1, lr, tr_loss, vloss, miou, acc,
+                   round(time.time() - t_start, 1)]
+            with open(hist, "a", newline="") as f:
+                csv.writer(f).writerow(row)
+            print(f"step {step + 1}/{total} lr {lr:.2e} loss {tr_loss:.4f} val_loss {vloss:.4f} "
+                  f"val_acc {acc:.4f} val_miou {miou:.4f} {time.time() - t_start:.0f}s", flush=True)
+    train_s = time.time() - t_train
+
+    for v, val in zip(model.trainable_variables, state[0], strict=True):
+        v.assign(val)
+    for v, val in zip(model.non_trainable_variables, state[1], strict=True):
+        v.assign(val)
+    np.savez(out / "weights.npz", **{v.path: np.asarray(v.value) for v in model.weights})
+    acc, miou, _ = evaluate(state)
+    report = {
+        "config": asdict(cfg),
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
+        "keras": keras.__version__,
+        "steps": total,
+        "epochs": total / steps_per_epoch,
+        "train_images": int(len(train_idx)),
+        "val_images": int(len(val_x)),
+        "compile_s": compile_s,
+        "step_ms": step_s * 1000,
+        "train_s": train_s,
+        "wall_s": time.time() - t_start,
+        "final_val": {"pixel_accuracy": acc, "mean_iou": miou, "size": cfg.size},
+    }
+    (out / "run.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def load_weights_npz(model, path: str | Path) -> None:
+    """Assign the variables of ``weights.npz`` (written by ``fit``) to ``model`` by Keras path.
+
+    Raises ``ValueError`` when a variable is missing or has another shape: the model must be built with the
+    run's architecture (``run.json``'s config).
+    """
+    z = np.load(path, allow_pickle=False)
+    for v in model.weights:
+        if v.path not in z.files:
+            raise ValueError(f"{path}: no weights for {v.path}")
+        arr = z[v.path]
+        if tuple(arr.shape) != tuple(v.shape):
+            raise ValueError(f"{path}: {v.path} has shape {arr.shape}, the model wants {tuple(v.shape)}")
+        v.assign(arr)
+
+
+def export_run(run_dir: str | Path, export_dir: str | Path, description: str = "", tta: str | None = "flip"):
+    """Turn a ``fit`` output folder into a registry model folder (``model.keras`` + ``spec.json``).
+
+    Builds the run's architecture (``run.json``) on the local Keras backend, loads ``weights.npz``, writes
+    the model through :func:`pipelines.evaluate.export_model` with ``input_size`` = the run's size, sets the
+    spec's ``tta`` and plots ``history.csv`` to ``training_curve.png``. Returns the
+    :class:`~pipelines.spec.ModelSpec`.
+    """
+    import tempfile
+
+    from pipelines.evaluate import export_model
+    from pipelines.spec import ModelSpec
+    from pipelines.train import write_training_curve
+    from pipelines.unet import UNetConfig, build_unet
+
+    run_dir = Path(run_dir)
+    c = json.loads((run_dir / "run.json").read_text())["config"]
+    model = build_unet(UNetConfig(input_size=c["size"], num_classes=c["num_classes"], base_filters=c["base_filters"],
+                                  depth=c["depth"], norm=c["norm"], dropout=c["dropout"]))
+    load_weights_npz(model, run_dir / "weights.npz")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "model.keras"
+        model.save(ckpt)
+        spec = export_model(ckpt, export_dir, input_size=c["size"], description=description)
+    if tta:
+        spec_path = Path(export_dir) / "spec.json"
+        raw = json.loads(spec_path.read_text())
+        raw["tta"] = tta
+        spec_path.write_text(json.dumps(raw, indent=2) + "\n")
+        spec = ModelSpec.from_file(spec_path)
+    if (run_dir / "history.csv").is_file():
+        write_training_curve(run_dir / "history.csv", Path(export_dir) / "training_curve.png",
+                             val_title=f"validation ({c['size']}x{c['size']}, one pass)")
+    return spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.train_jax", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pk = sub.add_parser("pack", help="pack a labelled folder (and extra training folders) into one .npz")
+    pk.add_argument("--data", required=True)
+    pk.add_argument("--extra-train", action="append", default=[])
+    pk.add_argument("--val-fraction", type=float, default=0.15)
+    pk.add_argument("--out", required=True)
+    ft = sub.add_parser("fit", help="train on a pack with the JAX backend")
+    for f, default in asdict(FitConfig(pack="", out="")).items():
+        flag = "--" + f.replace("_", "-")
+        if f in ("pack", "out"):
+            ft.add_argument(flag, required=True)
+        else:
+            ft.add_argument(flag, type=type(default), default=default)
+    ex = sub.add_parser("export", help="make a registry model folder from a fit output folder")
+    ex.add_argument("--run", required=True)
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--description", default="")
+    a = p.parse_args(argv)
+    if a.cmd == "export":
+        print(export_run(a.run, a.out, a.description).name)
+        return 0
+    if a.cmd == "pack":
+        print(json.dumps(pack_folders(a.data, a.out, a.extra_train, a.val_fraction)))
+        return 0
+    cfg = FitConfig(**{k: v for k, v in vars(a).items() if k != "cmd"})
+    print(json.dumps(fit(cfg)["final_val"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

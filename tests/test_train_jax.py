@@ -1,0 +1,163 @@
+"""U-Net training on the JAX backend: schedule, resampling, pack format, augmentation, a real tiny run whose
+weights are exported and served by the TensorFlow backend."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+tf = pytest.importorskip("tensorflow")
+jax = pytest.importorskip("jax")
+
+from pipelines.train_jax import (  # noqa: E402
+    EXTRA,
+    TRAIN,
+    VAL,
+    _augment_fn,
+    _bilinear,
+    _nearest,
+    crop_coords,
+    export_run,
+    load_pack,
+    load_weights_npz,
+    lr_at,
+    pack_folders,
+)
+from pipelines.unet import build_unet  # noqa: E402
+from tests.test_train import PETS, make_pets_folder, pick_names  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    lrs = [lr_at(s, 100, 1e-3, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lr_at(100, 100, 1e-3, 10) == pytest.approx(2e-5)
+    assert lr_at(500, 100, 1e-3, 10) == pytest.approx(2e-5)
+
+
+def test_resampling_matches_tf_image_resize():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (37, 53, 3)).astype(np.uint8)
+    lab = rng.integers(0, 3, (37, 53)).astype(np.uint8)
+    ys, xs = crop_coords(np, 0.0, 0.0, 37.0, 53.0, 24, False)
+    ours = _bilinear(np, img, ys, xs)
+    ref = tf.image.resize(img.astype(np.float32), (24, 24), method="bilinear", antialias=False).numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-3)
+    ref_lab = tf.image.resize(lab[..., None], (24, 24), method="nearest").numpy()[..., 0]
+    np.testing.assert_array_equal(_nearest(np, lab, ys, xs), ref_lab)
+    ys, xs = crop_coords(np, 0.0, 0.0, 37.0, 53.0, 24, True)
+    np.testing.assert_allclose(_bilinear(np, img, ys, xs), ref[:, ::-1], atol=1e-3)
+    # A crop never samples outside itself.
+    ys, xs = crop_coords(np, 5.0, 7.0, 10.0, 20.0, 40, False)
+    assert ys.min() >= 5 and ys.max() <= 14 and xs.min() >= 7 and xs.max() <= 26
+
+
+def test_augmentation_keeps_labels_on_their_pixels():
+    # Left half dark with label 0, right half bright with label 1: after any crop, flip and colour jitter the
+    # pixels labelled 1 must stay brighter than those labelled 0.
+    img = np.zeros((48, 64, 3), np.uint8)
+    img[:, 32:] = 200
+    lab = np.zeros((48, 64), np.uint8)
+    lab[:, 32:] = 1
+    n = 16
+    aug = _augment_fn(24)
+    x, y = aug(jax.random.split(jax.random.PRNGKey(0), n), np.stack([img] * n), np.stack([lab] * n),
+               np.asarray([[48, 64]] * n, np.int32))
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.shape == (n, 24, 24, 3) and y.shape == (n, 24, 24)
+    assert x.min() >= 0.0 and x.max() <= 1.0 and set(np.unique(y)) <= {0, 1}
+    flipped = 0
+    for k in range(n):
+        bright = x[k].mean(-1)
+        if (y[k] == 0).any() and (y[k] == 1).any():
+            assert bright[y[k] == 1].mean() > bright[y[k] == 0].mean() + 0.2
+        flipped += int(y[k][:, 0].mean() > y[k][:, -1].mean())
+    assert 0 < flipped < n  # both orientations occur
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory) -> tuple[Path, list[str]]:
+    names = pick_names(3, 2)
+    root = make_pets_folder(tmp_path_factory.mktemp("pets"), names)
+    # An extra (pseudo-label) folder that also lists a validation name, which must not train.
+    extra = tmp_path_factory.mktemp("pseudo")
+    for sub in ("images", "trimaps", "annotations"):
+        (extra / sub).mkdir()
+    extra_names = ["pseudo_a", names[-1]]
+    for n, src in zip(extra_names, names[:1] + names[-1:], strict=True):
+        (extra / "images" / f"{n}.jpg").symlink_to(PETS / "images" / f"{src}.jpg")
+        Image.open(PETS / "trimaps" / f"{src}.png").point(lambda v: 0 if v == 3 else v).save(
+            extra / "trimaps" / f"{n}.png")
+    (extra / "annotations" / "list.txt").write_text("".join(f"{n} 1 1 1\n" for n in extra_names))
+    out = tmp_path_factory.mktemp("pack") / "pets.npz"
+    counts = pack_folders(root, out, [extra])
+    assert counts == {"train": 3, "extra": 1, "val": 2}
+    return out, names
+
+
+def test_pack_roundtrip_decodes_photos_and_labels(pack):
+    path, names = pack
+    d = load_pack(path)
+    assert d.names == [*names[:3], *names[3:], "pseudo_a"]
+    assert list(d.split) == [TRAIN] * 3 + [VAL] * 2 + [EXTRA]
+    for k, n in enumerate(names):
+        img = np.asarray(Image.open(PETS / "images" / f"{n}.jpg").convert("RGB"))
+        tri = np.asarray(Image.open(PETS / "trimaps" / f"{n}.png"))
+        h, w = img.shape[:2]
+        assert tuple(d.hw[k]) == (h, w)
+        np.testing.assert_array_equal(d.images[k, :h, :w], img)
+        np.testing.assert_array_equal(d.labels[k, :h, :w], tri - 1)
+        assert (d.labels[k, h:] == 255).all() and (d.labels[k, :, w:] == 255).all()
+    # Pseudo-label value 0 (unknown) becomes 255.
+    assert 255 in np.unique(d.labels[5, : d.hw[5][0], : d.hw[5][1]])
+
+
+def test_fit_on_jax_then_export_and_serve_on_tensorflow(pack, tmp_path):
+    path, _ = pack
+    out = tmp_path / "run"
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    res = subprocess.run(
+        [sys.executable, "-m", "pipelines.train_jax", "fit", "--pack", str(path), "--out", str(out), "--size", "32",
+         "--base-filters", "4", "--depth", "2", "--batch-size", "2", "--budget-s", "1", "--evals", "2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["steps"] == 20 and run["train_images"] == 4 and run["val_images"] == 2
+    assert "jax" in run and 0.0 <= run["final_val"]["mean_iou"] <= 1.0
+    with open(out / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert int(rows[-1]["step"]) == 20 and float(rows[-1]["loss"]) > 0
+
+    spec = export_run(out, tmp_path / "export")
+    assert spec.input_size == 32 and spec.tta == "flip" and spec.kind == "semantic"
+    assert (tmp_path / "export" / "training_curve.png").stat().st_size > 0
+    import keras
+
+    served = keras.saving.load_model(tmp_path / "export" / "model.keras", compile=False)
+    rebuilt = build_unet(input_size=32, base_filters=4, depth=2, dropout=0.1)
+    load_weights_npz(rebuilt, out / "weights.npz")
+    x = np.random.default_rng(1).random((2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(served(x)), np.asarray(rebuilt(x)), atol=1e-6)
+    # The training run really changed the weights (BatchNorm statistics and kernels).
+    fresh = build_unet(input_size=32, base_filters=4, depth=2, dropout=0.1)
+    assert not np.allclose(np.asarray(fresh(x)), np.asarray(rebuilt(x)))
+
+
+def test_load_weights_npz_refuses_another_architecture(tmp_path):
+    small = build_unet(input_size=32, base_filters=4, depth=2)
+    np.savez(tmp_path / "w.npz", **{v.path: np.asarray(v.value) for v in small.weights})
+    with pytest.raises(ValueError, match="shape"):
+        load_weights_npz(build_unet(input_size=32, base_filters=8, depth=2), tmp_path / "w.npz")
+    with pytest.raises(ValueError, match="no weights"):
+        load_weights_npz(build_unet(input_size=32, base_filters=4, depth=3), tmp_path / "w.npz")
