@@ -104,7 +104,8 @@ def pseudo_label_command(model: str, data: str, out: str, threshold: float, tta:
             detector = load(resolve_model(instance_model))
 
             def best_mask(rgb):
-                found = detect_image(detector, rgb, score_threshold=0.0, max_detections=1)
+                # The detector's own mask: a refined one would already contain the semantic teacher.
+                found = detect_image(detector, rgb, score_threshold=0.0, max_detections=1, refine=False)
                 return rle_decode(found[0].rle).astype(bool) if found else None
 
             try:
@@ -133,8 +134,11 @@ def pseudo_label_command(model: str, data: str, out: str, threshold: float, tta:
               help="Average with the flipped image [default: as the model spec's `tta` says].")
 @click.option("--label-offset", default=1, show_default=True, type=int,
               help="class id = trimap value - offset.")
+@click.option("--refine/--no-refine", default=None,
+              help="Instance models: blend masks with the spec's semantic model [default: as the spec's "
+                   "`refine` says].")
 def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction: float, mode: str | None,
-                 tta: bool | None, label_offset: int) -> None:
+                 tta: bool | None, label_offset: int, refine: bool | None) -> None:
     """Score a model on a labeled folder.
 
     Layouts: oxford_pets (images/, trimaps/, annotations/); spacenet1_rio_buildings (images/*.tif,
@@ -159,7 +163,7 @@ def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction:
         raise click.BadParameter("oxford_pets folders have no test split here: use val or all",
                                  param_hint="--split")
     if spec.kind == "instance":
-        _eval_instances(spec, data, as_json, split, val_fraction, tta)
+        _eval_instances(spec, data, as_json, split, val_fraction, tta, refine)
         return
     try:
         report = evaluate_folder(model, data, split=split, val_fraction=val_fraction, mode=mode, tta=tta,
@@ -237,7 +241,7 @@ def _eval_domain(spec, folder: Path, layout: str, split: str, as_json: bool) -> 
 
 
 def _eval_instances(spec, data: str, as_json: bool, split: str, val_fraction: float,  # noqa: ANN001
-                    tta: bool | None) -> None:
+                    tta: bool | None, refine: bool | None) -> None:
     from pipelines.instance_eval import evaluate_folder as evaluate_instances
     from pipelines.registry import load
     from pipelines.train import is_validation, list_names
@@ -246,11 +250,13 @@ def _eval_instances(spec, data: str, as_json: bool, split: str, val_fraction: fl
     if split == "val":
         names = [n for n in names if is_validation(n, val_fraction)]
     try:
-        metrics = evaluate_instances(load(spec), data, names=names, tta=tta)
+        metrics = evaluate_instances(load(spec), data, names=names, tta=tta, refine=refine)
     except (ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from e
     report = {"model": spec.name, "kind": "instance", "split": split, "images": len(names),
-              "tta": spec.tta == "flip" if tta is None else tta, **metrics.to_json()}
+              "tta": spec.tta == "flip" if tta is None else tta,
+              "refine": None if spec.refine is None or refine is False else spec.refine.model_dump(),
+              **metrics.to_json()}
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

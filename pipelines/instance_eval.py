@@ -217,12 +217,13 @@ def evaluate_folder(
     max_detections: int = 100,
     include_outline: bool = True,
     tta: bool | None = None,
+    refine: bool | None = None,
 ) -> InstanceMetrics:
     """COCO mask/box AP of an instance model on an oxford_pets style folder.
 
     Model classes are matched to the folder's categories (cat, dog) by name. A low ``score_threshold``
     keeps the ranking AP needs. ``names`` restricts to a split (e.g. a validation list). ``tta`` forces
-    flip test-time augmentation on or off (default: the spec's).
+    flip test-time augmentation on or off and ``refine`` the spec's mask refinement (default: the spec's).
     """
     from PIL import Image
 
@@ -238,7 +239,8 @@ def evaluate_folder(
             trimap = np.asarray(tm)
         if trimap.shape != image.shape[:2]:
             raise ValueError(f"{s.trimap}: size {trimap.shape} differs from the image's {image.shape[:2]}")
-        found = detect_image(model, image, score_threshold=score_threshold, max_detections=max_detections, tta=tta)
+        found = detect_image(model, image, score_threshold=score_threshold, max_detections=max_detections, tta=tta,
+                             refine=refine)
         ev.add(image.shape[0], image.shape[1], [(s.category_id, pet_mask(trimap, include_outline=include_outline))],
                found, category_map=cmap, file_name=s.image.name)
     return ev.result()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -281,7 +281,43 @@ def load_instance_model(spec: ModelSpec) -> LoadedModel:
         )
     src = spec.resolve_source()
     return LoadedModel(spec=spec, predict=_not_semantic,
-                       raw=Detector(load_hub(src), source=src, tta=spec.tta == "flip"))
+                       raw=Detector(load_hub(src), source=src, tta=spec.tta == "flip"),
+                       foreground=_foreground_fn(spec) if spec.refine is not None else None)
+
+
+def _foreground_fn(spec: ModelSpec) -> Callable[[np.ndarray], np.ndarray]:
+    """``(H, W, 3) uint8 -> (H, W) float32`` foreground probability of the spec's refining semantic model.
+
+    The semantic model is loaded through the registry (once per process) and run with its own spec's mode,
+    normalisation and TTA. Raises :class:`InstanceModelError` when it is missing, not semantic, or lacks a
+    foreground class.
+    """
+    from pipelines.evaluate import make_predictor
+    from pipelines.registry import ModelNotFound, get_spec, load
+
+    ref = spec.refine
+    if ref is None:
+        raise ValueError(f"model {spec.name}: spec has no refine")
+    local = spec.spec_path.parent / ref.model if spec.spec_path is not None else None
+    try:
+        sem_spec = get_spec(str(local) if local is not None and local.exists() else ref.model)
+    except ModelNotFound as e:
+        raise InstanceModelError(f"model {spec.name}: refining model {ref.model!r} not found: {e}") from e
+    if sem_spec.kind != "semantic":
+        raise InstanceModelError(f"model {spec.name}: refining model {sem_spec.name} is not a semantic model")
+    names = sem_spec.class_names
+    missing = [n for n in ref.foreground if n not in names]
+    if missing:
+        raise InstanceModelError(
+            f"model {spec.name}: refining model {sem_spec.name} has no class {missing} (it has {names})"
+        )
+    channels = [names.index(n) for n in ref.foreground]
+    predict = make_predictor(load(sem_spec))
+
+    def foreground(rgb: np.ndarray) -> np.ndarray:
+        return np.clip(predict(rgb)[..., channels].sum(-1), 0.0, 1.0).astype(np.float32)
+
+    return foreground
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -398,8 +434,15 @@ def _select(det: Detections, score_threshold: float, max_detections: int) -> np.
     return keep[: max(max_detections, 0)]
 
 
-def _pieces(det: Detections, height: int, width: int, score_threshold: float, max_detections: int) -> list[_Piece]:
-    """Thresholded, reframed detections of one ``height x width`` image; empty masks are dropped."""
+def _pieces(
+    det: Detections, height: int, width: int, score_threshold: float, max_detections: int,
+    refine: _Refine | None = None,
+) -> list[_Piece]:
+    """Thresholded, reframed detections of one ``height x width`` image; empty masks are dropped.
+
+    ``refine`` blends each reframed mask with a semantic model's foreground before the 0.5 threshold
+    (:class:`pipelines.spec.MaskRefinement`, :func:`blend_foreground`).
+    """
     pieces = []
     for k in _select(det, score_threshold, max_detections):
         box = np.clip(det.boxes[k], 0.0, 1.0)
@@ -408,15 +451,57 @@ def _pieces(det: Detections, height: int, width: int, score_threshold: float, ma
         else:
             bm = det.masks[k]
         y0, x0, crop = _reframe_crop(bm, box, height, width)
+        ymin, xmin, ymax, xmax = (float(v) for v in box)
+        box_px = (xmin * width, ymin * height, xmax * width, ymax * height)
+        if refine is not None:
+            crop = blend_foreground(crop, y0, x0, box_px, refine.rgb, refine.foreground, refine.weight)
         t = _tighten(y0, x0, crop > MASK_THRESHOLD)
         if t is None:
             continue
-        ymin, xmin, ymax, xmax = (float(v) for v in box)
         pieces.append(_Piece(
-            class_id=int(det.classes[k]), score=float(det.scores[k]), y0=t[0], x0=t[1], mask=t[2],
-            box=(xmin * width, ymin * height, xmax * width, ymax * height),
+            class_id=int(det.classes[k]), score=float(det.scores[k]), y0=t[0], x0=t[1], mask=t[2], box=box_px,
         ))
     return pieces
+
+
+@dataclass
+class _Refine:
+    rgb: np.ndarray
+    foreground: Callable[[np.ndarray], np.ndarray]
+    weight: float
+
+
+#: Context around a detection box given to the refining model, as a fraction of the box's side.
+REFINE_MARGIN = 0.1
+
+
+def blend_foreground(
+    crop: np.ndarray, y0: int, x0: int, box: tuple[float, float, float, float], rgb: np.ndarray,
+    foreground: Callable[[np.ndarray], np.ndarray], weight: float, margin: float = REFINE_MARGIN,
+) -> np.ndarray:
+    """``(1 - weight) * crop + weight * foreground`` for one detection.
+
+    ``crop`` ``(h, w) float32`` is the detection's reframed mask probability, whose top-left pixel is
+    ``(y0, x0)`` in ``rgb`` ``(H, W, 3) uint8``; ``box`` ``(x0, y0, x1, y1)`` its box in pixels. The
+    semantic model sees the box grown by ``margin`` of its side on every edge, cut out of ``rgb``: one pet
+    filling the frame, as in its training photos, however small the pet is in the image and however many
+    others are near it. ``foreground`` maps that ``(h', w', 3) uint8`` cut-out to ``(h', w') float32``;
+    pixels of ``crop`` outside the cut-out get foreground 0.
+    """
+    height, width = rgb.shape[:2]
+    bx0, by0, bx1, by1 = box
+    mx, my = margin * (bx1 - bx0), margin * (by1 - by0)
+    gy0, gy1 = max(0, int(math.floor(by0 - my))), min(height, int(math.ceil(by1 + my)))
+    gx0, gx1 = max(0, int(math.floor(bx0 - mx))), min(width, int(math.ceil(bx1 + mx)))
+    fg = np.zeros_like(crop, dtype=np.float32)
+    if gy1 - gy0 >= 2 and gx1 - gx0 >= 2:
+        cut = np.asarray(foreground(np.ascontiguousarray(rgb[gy0:gy1, gx0:gx1])), np.float32)
+        # Overlap of the crop's rows/cols with the cut-out's, in each one's own coordinates.
+        r0, r1 = max(y0, gy0), min(y0 + crop.shape[0], gy1)
+        c0, c1 = max(x0, gx0), min(x0 + crop.shape[1], gx1)
+        if r1 > r0 and c1 > c0:
+            fg[r0 - y0 : r1 - y0, c0 - x0 : c1 - x0] = cut[r0 - gy0 : r1 - gy0, c0 - gx0 : c1 - gx0]
+    return (1.0 - weight) * crop + weight * fg
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -496,17 +581,29 @@ def detect_image(
     score_threshold: float | None = None,
     max_detections: int | None = None,
     tta: bool | None = None,
+    refine: bool | None = None,
 ) -> list[Instance]:
     """Instances in one ``(H, W, 3) uint8`` image, score descending.
 
-    Thresholds default to the model spec's ``score_threshold`` / ``max_detections`` and flip TTA to its
-    ``tta``. Detections whose reframed mask is empty are dropped.
+    Thresholds default to the model spec's ``score_threshold`` / ``max_detections``, flip TTA to its
+    ``tta`` and mask refinement to its ``refine`` (``refine=False`` gives the detector's own masks).
+    Detections whose mask is empty are dropped.
     """
     thr = model.spec.score_threshold if score_threshold is None else score_threshold
     mx = model.spec.max_detections if max_detections is None else max_detections
     h, w = image.shape[:2]
     det = _detector(model)(image, tta=tta)
-    return detections_to_instances(det, h, w, score_threshold=thr, max_detections=mx)
+    return [_to_instance(p, h, w) for p in _pieces(det, h, w, thr, mx, _refinement(model, image, refine))]
+
+
+def _refinement(model: LoadedModel, rgb: np.ndarray, refine: bool | None) -> _Refine | None:
+    """What :func:`_pieces` needs to refine masks on ``rgb``, or None (no ``refine`` in the spec, or off)."""
+    ref = model.spec.refine
+    if ref is None or refine is False:
+        return None
+    if model.foreground is None:
+        raise InstanceModelError(f"model {model.spec.name}: spec has refine but no foreground model was loaded")
+    return _Refine(rgb, model.foreground, ref.weight)
 
 
 def _detector(model: LoadedModel) -> Detector:
@@ -777,6 +874,7 @@ def detect_item(
     merge_threshold: float = 0.5,
     seam_fraction: float = 0.5,
     score_mode: Literal["max", "area"] = "max",
+    refine: bool | None = None,
 ) -> list[Instance]:
     """Instances of a whole item in item pixel coordinates, score descending.
 
@@ -785,7 +883,8 @@ def detect_item(
     the spec's ``overlap``), instances are shifted to item coordinates and merged across tiles (see
     :func:`merge_instances`). ``max_detections`` applies per detector call. Pixels outside the item's
     valid mask are blanked in the input and removed from masks. Non-uint8 items are percentile-stretched
-    (2-98 %, per band, bounds computed once per item); one band is replicated to RGB.
+    (2-98 %, per band, bounds computed once per item); one band is replicated to RGB. With the spec's
+    ``refine`` (unless ``refine=False``) the semantic model runs on the surroundings of each detection.
     """
     spec = model.spec
     detector = _detector(model)
@@ -810,7 +909,7 @@ def detect_item(
         if valid is not None:
             rgb[~valid] = 0
         h, w = rgb.shape[:2]
-        for p in _pieces(detector(rgb), h, w, thr, mx):
+        for p in _pieces(detector(rgb), h, w, thr, mx, _refinement(model, rgb, refine)):
             if valid is not None:
                 p.mask = p.mask & valid[p.y0 : p.y1, p.x0 : p.x1]
                 tight = _tighten(p.y0, p.x0, p.mask)

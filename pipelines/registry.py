@@ -83,13 +83,15 @@ class LoadedModel:
     Semantic models: ``predict(x)`` takes ``(N, S, S, C) float32`` and returns ``(N, S, S, K) float32``
     class probabilities, with the spec's test-time augmentation applied; ``single`` is one plain forward
     pass (None: ``predict`` is one). Instance models: ``raw`` is the detection callable (see
-    pipelines.instances).
+    pipelines.instances) and ``foreground``, for specs with ``refine``, maps an ``(H, W, 3) uint8`` image to
+    the refining model's ``(H, W) float32`` foreground probability.
     """
 
     spec: ModelSpec
     predict: Callable[[np.ndarray], np.ndarray]
     raw: Any = None
     single: Callable[[np.ndarray], np.ndarray] | None = None
+    foreground: Callable[[np.ndarray], np.ndarray] | None = None
 
     def forward(self, tta: bool | None = None) -> Callable[[np.ndarray], np.ndarray]:
         """The batch predictor with flip TTA forced on (True), off (False) or as the spec says (None)."""
@@ -114,7 +116,8 @@ def flip_tta(predict: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarra
 
 
 _cache: dict[tuple[str, str], LoadedModel] = {}
-_lock = threading.Lock()
+# Re-entrant: loading an instance model with `refine` loads its semantic model through load() too.
+_lock = threading.RLock()
 
 
 def _load_semantic(spec: ModelSpec) -> LoadedModel:

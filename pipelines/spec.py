@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["ClassSpec", "ModelSpec", "Normalization"]
+__all__ = ["ClassSpec", "MaskRefinement", "ModelSpec", "Normalization"]
 
 
 class ClassSpec(BaseModel):
@@ -43,6 +43,28 @@ class Normalization(BaseModel):
     high: float = 98.0
     center: float = 40.0
     width: float = 400.0
+
+
+class MaskRefinement(BaseModel):
+    """Instance masks blended with a semantic model's foreground (a two-model ensemble).
+
+    For each detection, the semantic model segments the detection's box grown by 10 % on every side (cut
+    out of the image, so the object fills the frame as in that model's training photos), with its own
+    mode, normalisation and TTA. Its foreground probability (the sum of the ``foreground`` classes) is
+    averaged with the detection's mask probability reframed onto the image: ``(1 - weight) * mask + weight
+    * foreground``, thresholded at 0.5. Pixels outside the box keep mask probability 0, so a detection
+    never grows past its box; where the semantic model is sure there is no foreground, the mask shrinks.
+    Class, score and box stay the detector's. Mask R-CNN's 28x28 box-relative masks are coarse at the
+    contour; a full-resolution semantic model sharpens them there.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Semantic model: registered name, or a folder / spec.json (relative paths: next to this spec).
+    model: str
+    #: Its class names that count as foreground (summed).
+    foreground: list[str] = Field(min_length=1)
+    weight: float = Field(default=0.5, gt=0.0, lt=1.0)
 
 
 class ModelSpec(BaseModel):
@@ -90,6 +112,8 @@ class ModelSpec(BaseModel):
     #: Instance models: score threshold and max detections.
     score_threshold: float = 0.5
     max_detections: int = 100
+    #: Instance models: sharpen masks with a semantic model's foreground (see :class:`MaskRefinement`).
+    refine: MaskRefinement | None = None
     #: Path of the spec file itself, set by the loader.
     spec_path: Path | None = None
 
@@ -102,6 +126,8 @@ class ModelSpec(BaseModel):
             raise ValueError("overlap must be less than half the input size")
         if self.bands is not None and len(self.bands) != self.channels:
             raise ValueError("bands must list exactly `channels` band indices")
+        if self.refine is not None and self.kind != "instance":
+            raise ValueError("refine applies to instance models only")
         return self
 
     @property
