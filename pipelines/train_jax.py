@@ -50,6 +50,8 @@ __all__ = [
 
 #: Split codes stored in a pack.
 TRAIN, EXTRA, VAL = 0, 1, 2
+# pipelines.losses.IGNORE; not imported from there because that imports keras, and ``fit`` must choose the
+# Keras backend before keras is first imported.
 _IGNORE = 255
 
 
@@ -251,18 +253,6 @@ def _augment_fn(size: int):
     return jax.vmap(one)
 
 
-def _confusion(y, pred, k: int) -> np.ndarray:
-    valid = y != _IGNORE
-    return np.bincount(y[valid].astype(np.int64) * k + pred[valid], minlength=k * k).reshape(k, k)
-
-
-def _scores(cm: np.ndarray) -> tuple[float, float]:
-    """(pixel accuracy, mean IoU) of a confusion matrix (rows truth, columns prediction)."""
-    tp = np.diag(cm).astype(float)
-    union = cm.sum(0) + cm.sum(1) - tp
-    return float(tp.sum() / max(cm.sum(), 1)), float(np.mean(tp / np.maximum(union, 1)))
-
-
 def _val_arrays(data: PackedData, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Validation photos resized to ``size`` (bilinear) and labels (nearest), as the 128x128 report."""
     from PIL import Image
@@ -286,6 +276,7 @@ def fit(cfg: FitConfig) -> dict:
     if keras.backend.backend() != "jax":
         raise RuntimeError(f"fit needs the JAX backend of Keras; KERAS_BACKEND is {keras.backend.backend()!r}")
     from pipelines.losses import DiceCELoss
+    from pipelines.metrics import confusion_matrix, scores
     from pipelines.unet import UNetConfig, build_unet
 
     t_start = time.time()
@@ -351,9 +342,9 @@ def fit(cfg: FitConfig) -> dict:
         for s in range(0, len(val_x), 32):
             p = predict(st[0], st[1], jnp.asarray(val_x[s : s + 32]))
             vloss.append(float(loss_obj(jnp.asarray(val_y[s : s + 32, ..., None]), p)) * len(p))
-            cm += _confusion(val_y[s : s + 32], np.asarray(p.argmax(-1)), cfg.num_classes)
-        acc, miou = _scores(cm)
-        return acc, miou, sum(vloss) / len(val_x)
+            cm += confusion_matrix(val_y[s : s + 32], np.asarray(p.argmax(-1)), cfg.num_classes)
+        report = scores(cm)
+        return report["pixel_accuracy"], report["mean_iou"], sum(vloss) / len(val_x)
 
     # Calibrate: compile, then time steps at the warm-up's first learning rate to size the schedule.
     t0 = time.time()
