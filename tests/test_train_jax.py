@@ -25,6 +25,7 @@ from pipelines.train_jax import (  # noqa: E402
     _bilinear,
     _nearest,
     crop_coords,
+    cutmix,
     export_run,
     load_pack,
     load_weights_npz,
@@ -85,6 +86,24 @@ def test_augmentation_keeps_labels_on_their_pixels():
     assert 0 < flipped < n  # both orientations occur
 
 
+def test_cutmix_pastes_one_rectangle_of_the_next_item_into_photo_and_label_alike():
+    n, size = 6, 32
+    # Item k is filled with the value k in every channel and in its label, so the source of a pixel is visible.
+    x = np.broadcast_to(np.arange(n, dtype=np.float32)[:, None, None, None], (n, size, size, 3)).copy()
+    y = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None], (n, size, size)).copy()
+    mx, my = (np.asarray(a) for a in cutmix(jax.random.PRNGKey(3), x, y, 1.0))
+    for k in range(n):
+        pasted = my[k] != k
+        assert set(np.unique(my[k])) == {k, (k - 1) % n}
+        np.testing.assert_array_equal(mx[k, ..., 0] != k, pasted)  # photo and label pasted together
+        rows, cols = np.flatnonzero(pasted.any(1)), np.flatnonzero(pasted.any(0))
+        assert pasted[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()  # one rectangle
+        assert 0.02 < pasted.mean() < 0.6
+    kx, ky = cutmix(jax.random.PRNGKey(3), x, y, 0.0)
+    np.testing.assert_array_equal(np.asarray(kx), x)
+    np.testing.assert_array_equal(np.asarray(ky), y)
+
+
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory) -> tuple[Path, list[str]]:
     names = pick_names(3, 2)
@@ -122,13 +141,15 @@ def test_pack_roundtrip_decodes_photos_and_labels(pack):
     assert 255 in np.unique(d.labels[5, : d.hw[5][0], : d.hw[5][1]])
 
 
-def test_fit_on_jax_then_export_and_serve_on_tensorflow(pack, tmp_path):
+@pytest.mark.parametrize("options", [[], ["--precision", "mixed_bfloat16", "--cutmix", "1.0"]],
+                         ids=["float32", "bfloat16-cutmix"])
+def test_fit_on_jax_then_export_and_serve_on_tensorflow(pack, tmp_path, options):
     path, _ = pack
     out = tmp_path / "run"
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     res = subprocess.run(
         [sys.executable, "-m", "pipelines.train_jax", "fit", "--pack", str(path), "--out", str(out), "--size", "32",
-         "--base-filters", "4", "--depth", "2", "--batch-size", "2", "--budget-s", "1", "--evals", "2"],
+         "--base-filters", "4", "--depth", "2", "--batch-size", "2", "--budget-s", "1", "--evals", "2", *options],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -137,7 +158,9 @@ def test_fit_on_jax_then_export_and_serve_on_tensorflow(pack, tmp_path):
     assert "jax" in run and 0.0 <= run["final_val"]["mean_iou"] <= 1.0
     with open(out / "history.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert int(rows[-1]["step"]) == 20 and float(rows[-1]["loss"]) > 0
+    assert int(rows[-1]["step"]) == 20 and 0 < float(rows[-1]["loss"]) < 100
+    # Mixed precision computes in bfloat16 but keeps float32 weights, which is what the export loads.
+    assert {np.load(out / "weights.npz")[k].dtype for k in np.load(out / "weights.npz").files} == {np.dtype("float32")}
 
     spec = export_run(out, tmp_path / "export")
     assert spec.input_size == 32 and spec.tta == "flip" and spec.kind == "semantic"
