@@ -46,20 +46,25 @@ _PALETTE = [(230, 25, 75), (0, 0, 0), (255, 225, 25), (60, 180, 75), (0, 130, 20
 
 
 def make_predictor(
-    model: LoadedModel, mode: str | None = None, tta: bool | None = None
+    model: LoadedModel, mode: str | None = None, tta: bool | None = None, multiscale: bool | None = None
 ) -> Callable[[np.ndarray], np.ndarray]:
     """``(H, W, C)`` raw photo (uint8) -> ``(H, W, K) float32`` probabilities at the photo's own size.
 
     ``mode`` ``resize`` (whole photo to ``input_size``, probabilities scaled back bilinearly) or ``tile``
-    (sliding windows at native resolution); default: the spec's.
+    (sliding windows at native resolution); default: the spec's. ``tta`` forces the flip on or off (None:
+    as the spec says); ``multiscale`` likewise the spec's ``tta_sizes`` in resize mode (None: used unless
+    ``tta`` is False).
     """
-    from pipelines.semantic import bilinear_matrix, resize_bilinear
+    from pipelines.semantic import bilinear_matrix, predict_multiscale, resize_bilinear, tta_edges
 
     spec = model.spec
     mode = mode or spec.mode
     k = len(spec.classes)
     s = spec.input_size
     predict = model.forward(tta)
+    if multiscale is None:
+        multiscale = tta is not False
+    edges = tta_edges(s, spec.tta_sizes if multiscale else ())
 
     def run(rgb: np.ndarray) -> np.ndarray:
         x = normalize(np.moveaxis(rgb[..., : spec.channels], -1, 0), spec.normalization)
@@ -68,7 +73,7 @@ def make_predictor(
             cfg = TilingConfig(tile=s, overlap=spec.overlap, batch_size=spec.batch_size, blend=spec.blend,
                                prefetch=0)
             return predict_array(x, predict, k, cfg)
-        p = np.asarray(predict(resize_bilinear(x, s, s)[None]), np.float32)[0]
+        p = predict_multiscale(predict, {e: resize_bilinear(x, e, e)[None] for e in edges}, s, k)[0]
         p = np.einsum("pw,hwc->hpc", bilinear_matrix(w, s), p, optimize=True)
         return np.tensordot(bilinear_matrix(h, s), p, axes=(1, 0)).astype(np.float32)
 
@@ -162,6 +167,7 @@ def evaluate_folder(
         "mode": mode,
         "split": split,
         "tta": spec.tta == "flip" if tta is None else tta,
+        "tta_sizes": [] if tta is False or mode != "resize" else spec.tta_sizes,
         "images": len(pairs),
         "skipped": skipped,
         "pixels": int(cm.sum()),

@@ -120,6 +120,30 @@ _cache: dict[tuple[str, str], LoadedModel] = {}
 _lock = threading.RLock()
 
 
+def _any_input_size(model: Any, spec: ModelSpec) -> Any:
+    """``model`` itself when it takes any ``(H, W)``; else the same layers and weights re-wired on an
+    ``(None, None, C)`` input, which works for fully convolutional models saved with a fixed input size.
+    Raises ``ValueError`` for models that cannot (e.g. a Dense or Reshape layer fixes the size)."""
+    import keras
+
+    if tuple(model.input_shape[1:3]) == (None, None):
+        return model
+    try:
+        clone = keras.models.clone_model(model, input_tensors=keras.Input((None, None, model.input_shape[-1])))
+        clone.set_weights(model.get_weights())
+        for edge in spec.tta_sizes:
+            # A cheap check that every size really runs: the graph is built here, not on a worker's first item.
+            out = clone.compute_output_shape((1, edge, edge, model.input_shape[-1]))
+            if tuple(out[1:3]) != (edge, edge):
+                raise ValueError(f"a {edge}x{edge} input gives a {out[1]}x{out[2]} output")
+    except Exception as e:  # noqa: BLE001 - Keras raises many types for a graph that cannot re-wire
+        raise ValueError(
+            f"model {spec.name}: its spec's tta_sizes {spec.tta_sizes} need a model that takes any input size, "
+            f"and this one is fixed at {model.input_shape[1]}x{model.input_shape[2]} ({e})"
+        ) from e
+    return clone
+
+
 def _load_semantic(spec: ModelSpec) -> LoadedModel:
     import tensorflow as tf
 
@@ -128,6 +152,8 @@ def _load_semantic(spec: ModelSpec) -> LoadedModel:
         import keras
 
         model = keras.saving.load_model(src, compile=False)
+        if spec.tta_sizes:
+            model = _any_input_size(model, spec)
 
         @tf.function(reduce_retracing=True)
         def _fn(x: tf.Tensor) -> tf.Tensor:

@@ -27,6 +27,8 @@ __all__ = [
     "ClassFigure",
     "SemanticResult",
     "bilinear_matrix",
+    "predict_multiscale",
+    "tta_edges",
     "resize_bilinear",
     "segment_item",
     "segment_items",
@@ -290,33 +292,66 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(np.einsum("pw,hwc->hpc", mx, tmp, optimize=True), dtype=np.float32)
 
 
+def tta_edges(size: int, extra_sizes: Sequence[int] = ()) -> list[int]:
+    """The input edges of multi-scale test-time augmentation: ``size`` first, then the other sizes."""
+    return [size, *(t for t in dict.fromkeys(extra_sizes) if t != size)]
+
+
+def predict_multiscale(
+    predict: Callable[[np.ndarray], np.ndarray],
+    batches: dict[int, np.ndarray],
+    size: int,
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """Whole-image prediction averaged over input sizes (multi-scale test-time augmentation).
+
+    ``batches`` maps each input edge ``s`` to the same ``N`` images resized to it, ``(N, s, s, C) float32``
+    (see :func:`tta_edges`); ``predict`` maps such a batch to ``(N, s, s, K)`` probabilities. Those at
+    other sizes than ``size`` are resampled (bilinear) to ``size`` and all are averaged. Returns
+    ``(N, size, size, K) float32``. Raises ``ValueError`` when ``predict`` returns another shape (or another
+    ``K`` than ``num_classes``).
+    """
+    total: np.ndarray | None = None
+    for s, x in batches.items():
+        y = np.asarray(predict(x), np.float32)
+        k = num_classes or (y.shape[-1] if y.ndim == 4 else 0)
+        if y.shape != (len(x), s, s, k):
+            raise ValueError(f"model returned shape {y.shape} for a {s}x{s} input; expected {(len(x), s, s, k)}")
+        if s != size:
+            m = bilinear_matrix(size, s)
+            y = np.einsum("pw,nhwc->nhpc", m, y, optimize=True)
+            y = np.einsum("ph,nhwc->npwc", m, y, optimize=True)
+        total = y if total is None else total + y
+    if total is None:
+        raise ValueError("no input size to predict at")
+    return (total / len(batches)).astype(np.float32)
+
+
 def _tiling_config(spec: ModelSpec) -> TilingConfig:
     return TilingConfig(tile=spec.input_size, overlap=spec.overlap, batch_size=spec.batch_size,
                         blend=spec.blend)
 
 
-def _check_output(y: np.ndarray, n: int, spec: ModelSpec) -> np.ndarray:
-    y = np.asarray(y, np.float32)
-    expected = (n, spec.input_size, spec.input_size, _num_classes(spec))
-    if y.shape != expected:
-        raise ValueError(f"model {spec.name} returned shape {y.shape}; expected {expected}")
-    return y
-
-
 def _run_resize(runs: Sequence[_ItemRun], model: LoadedModel) -> None:
     spec = model.spec
     s = spec.input_size
+    edges = tta_edges(s, spec.tta_sizes)
     for start in range(0, len(runs), spec.batch_size):
         chunk = runs[start : start + spec.batch_size]
-        inputs = []
+        inputs: dict[int, list[np.ndarray]] = {e: [] for e in edges}
         for run in chunk:
             run.load()
             assert run.whole is not None
             x = normalize(run.whole, spec.normalization, run.stats)
             if run.whole_valid is not None:
                 x[~run.whole_valid] = 0.0
-            inputs.append(resize_bilinear(x, s, s))
-        probs = _check_output(model.predict(np.stack(inputs)), len(chunk), spec)
+            for e in edges:
+                inputs[e].append(resize_bilinear(x, e, e))
+        try:
+            probs = predict_multiscale(model.predict, {e: np.stack(v) for e, v in inputs.items()}, s,
+                                       _num_classes(spec))
+        except ValueError as e:
+            raise ValueError(f"model {spec.name}: {e}") from e
         for run, p in zip(chunk, probs, strict=True):
             h, w = run.item.info.height, run.item.info.width
             my = bilinear_matrix(h, s)

@@ -104,6 +104,11 @@ class ModelSpec(BaseModel):
     #: runs the detector on the mirrored image too and fuses the two sets of detections
     #: (:func:`pipelines.instances.fuse_detections`).
     tta: Literal["none", "flip"] = "none"
+    #: Semantic models in ``resize`` mode: more input edges (pixels) the photo is also resized to. The
+    #: probabilities at ``input_size`` and at each of these sizes (each with the flip when ``tta`` is ``flip``)
+    #: are averaged: multi-scale test-time augmentation, at the cost of one more model run per size. The
+    #: model must accept any input size (a fully convolutional model saved with no fixed input shape).
+    tta_sizes: list[int] = []
     #: Ground resolution the model was trained at, metres per pixel (rasters at other resolutions are
     #: resampled before inference and results returned on the input grid). None: use native pixels.
     ground_resolution_m: float | None = None
@@ -128,6 +133,10 @@ class ModelSpec(BaseModel):
             raise ValueError("bands must list exactly `channels` band indices")
         if self.refine is not None and self.kind != "instance":
             raise ValueError("refine applies to instance models only")
+        if self.tta_sizes and self.kind != "semantic":
+            raise ValueError("tta_sizes applies to semantic models only")
+        if any(not 8 <= t <= 4096 for t in self.tta_sizes) or len(set(self.tta_sizes)) != len(self.tta_sizes):
+            raise ValueError("tta_sizes must be distinct input edges between 8 and 4096 pixels")
         return self
 
     @property

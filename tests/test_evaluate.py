@@ -182,3 +182,66 @@ def test_shipped_model_spec_and_load():
     model = keras.saving.load_model(weights, compile=False)
     y = np.asarray(model(np.zeros((1, spec.input_size, spec.input_size, 3), np.float32)))
     assert y.shape == (1, spec.input_size, spec.input_size, 3)
+    # The fast variant serves the same weights (no second copy in the repository) in one pass.
+    fast = get_spec("unet-pets-fast")
+    assert Path(fast.resolve_source()).resolve() == weights.resolve()
+    assert spec.tta == "flip" and spec.tta_sizes and fast.tta == "none" and fast.tta_sizes == []
+    assert fast.default_for == [] and fast.classes == spec.classes
+
+
+def test_tta_sizes_run_a_fixed_size_model_at_other_sizes(tmp_path, pets5, tiny_model):
+    """The tiny model was saved with a fixed 32x32 input; ``tta_sizes`` re-wires it to any size at load, and
+    eval's report (as served) averages the three sizes, which ``--no-tta`` turns off with the flip."""
+    import shutil
+
+    from pipelines.evaluate import make_predictor
+    from pipelines.registry import load
+    from pipelines.spec import ModelSpec
+
+    root, names = pets5
+    folder, model = tiny_model
+    ms_dir = tmp_path / "tiny-ms"
+    shutil.copytree(folder, ms_dir)
+    spec = ModelSpec.from_file(ms_dir / "spec.json").model_copy(update={"name": "tiny-ms", "tta_sizes": [24, 48]})
+    spec.to_file(ms_dir / "spec.json")
+    clear_cache()
+    loaded = load(str(ms_dir))
+    assert model.input_shape[1:3] == (32, 32) and loaded.raw.input_shape[1:3] == (None, None)
+
+    # Reference: the same weights in a model built for any size, each size through tf.image.resize.
+    anysize = build_unet(input_size=None, base_filters=4, depth=2)
+    anysize.set_weights(model.get_weights())
+    rgb = np.asarray(Image.open(root / "images" / f"{names[0]}.jpg").convert("RGB"))
+    h, w = rgb.shape[:2]
+    x = rgb[None].astype(np.float32) / 255.0
+    probs = [tf.image.resize(np.asarray(anysize(tf.image.resize(x, (e, e)), training=False)), (32, 32))
+             for e in (32, 24, 48)]
+    ref = tf.image.resize(np.mean(probs, axis=0), (h, w)).numpy()[0]
+    got = make_predictor(loaded)(rgb)
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    assert not np.allclose(make_predictor(loaded, multiscale=False)(rgb), ref, atol=1e-3)
+
+    report = _run_eval("--model", str(ms_dir), "--data", str(root))
+    plain = _run_eval("--model", str(ms_dir), "--data", str(root), "--no-tta")
+    assert report["tta_sizes"] == [24, 48] and plain["tta_sizes"] == []
+    assert plain["confusion"] == _run_eval("--model", str(folder), "--data", str(root))["confusion"]
+    assert report["confusion"] != plain["confusion"]
+
+
+def test_tta_sizes_on_a_model_that_cannot_take_other_sizes_is_a_clear_error(tmp_path):
+    import keras
+
+    from pipelines.registry import load
+    from pipelines.spec import ClassSpec, ModelSpec
+
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Dense(3 * 16 * 16)(keras.layers.Flatten()(inp))
+    out = keras.layers.Softmax()(keras.layers.Reshape((16, 16, 3))(x))
+    folder = tmp_path / "dense"
+    folder.mkdir()
+    keras.Model(inp, out).save(folder / "model.keras")
+    ModelSpec(name="dense16", kind="semantic", source="model.keras", input_size=16, overlap=2, mode="resize",
+              classes=[ClassSpec(id=i, name=f"c{i}") for i in range(3)], tta_sizes=[24]).to_file(folder / "spec.json")
+    clear_cache()
+    with pytest.raises(ValueError, match=r"tta_sizes \[24\] need a model that takes any input size"):
+        load(str(folder))

@@ -11,7 +11,14 @@ from adapters.base import AdapterError, Artifact, Item, ItemInfo, MaskSink, Wind
 from pipelines.metrics import confusion_matrix
 from pipelines.normalize import band_stats, normalize
 from pipelines.registry import LoadedModel
-from pipelines.semantic import bilinear_matrix, resize_bilinear, segment_item, segment_items
+from pipelines.semantic import (
+    bilinear_matrix,
+    predict_multiscale,
+    resize_bilinear,
+    segment_item,
+    segment_items,
+    tta_edges,
+)
 from pipelines.spec import ClassSpec, ModelSpec, Normalization
 from pipelines.tiling import TilingConfig, predict_array
 
@@ -312,3 +319,65 @@ def test_real_geotiff_streamed_equals_whole_and_honours_nodata(name, bands, norm
     assert res_s.figures[0].area == pytest.approx(res_s.figures[0].pixel_count * streamed.info.pixel_area)
     if name == "RGB.byte.tif":
         assert 0 < valid.mean() < 1  # the scene has a nodata collar
+
+
+def test_predict_multiscale_averages_every_size_at_the_base_size():
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(11)
+    images = [rng.random((20, 30, 3)).astype(np.float32), rng.random((17, 9, 3)).astype(np.float32)]
+    edges = tta_edges(16, [12, 16, 24, 12])
+    assert edges == [16, 12, 24]  # the base size first, once; repeats dropped
+    seen = []
+
+    def identity(x):  # the image's own channels as the "probabilities": the resampling is all there is
+        seen.append(x.shape)
+        return x
+
+    batches = {e: np.stack([resize_bilinear(x, e, e) for x in images]) for e in edges}
+    got = predict_multiscale(identity, batches, 16, 3)
+    assert seen == [(2, 16, 16, 3), (2, 12, 12, 3), (2, 24, 24, 3)] and got.shape == (2, 16, 16, 3)
+    for x, g in zip(images, got, strict=True):
+        ref = np.mean([tf.image.resize(tf.image.resize(x, (e, e)), (16, 16)).numpy() for e in edges], axis=0)
+        np.testing.assert_allclose(g, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="for a 12x12 input"):
+        predict_multiscale(lambda x: x if x.shape[1] != 12 else x[:, :8], batches, 16, 3)
+    with pytest.raises(ValueError, match="expected"):
+        predict_multiscale(identity, batches, 16, 4)  # wrong class count
+
+
+def test_resize_mode_with_tta_sizes_runs_each_size_and_averages():
+    rng = np.random.default_rng(12)
+    shapes = [(20, 30), (33, 17), (16, 16)]
+    items = [ArrayItem(rng.integers(0, 256, (3, h, w)).astype(np.uint8)) for h, w in shapes]
+    model, calls = _model(mode="resize", batch=2, kernel=3, tta_sizes=[8, 24])
+    sizes_seen = []
+    inner = model.predict
+
+    def predict(x):
+        sizes_seen.append(x.shape[1])
+        return inner(x)
+
+    model.predict = predict
+    sinks = [ArraySink(h, w) for h, w in shapes]
+    segment_items(items, model, sinks)
+    model.predict = inner
+    assert calls == [2, 2, 2, 1, 1, 1] and sizes_seen == [16, 8, 24, 16, 8, 24]
+    single_scale_differs = False
+    for item, sink in zip(items, sinks, strict=True):
+        x = normalize(item.pixels, model.spec.normalization)
+        probs = [resize_bilinear(model.predict(resize_bilinear(x, e, e)[None])[0], 16, 16) for e in (16, 8, 24)]
+        p = resize_bilinear(np.mean(probs, axis=0), item.info.height, item.info.width)
+        np.testing.assert_array_equal(sink.classes, p.argmax(-1))
+        one = resize_bilinear(probs[0], item.info.height, item.info.width)
+        single_scale_differs |= bool((one.argmax(-1) != p.argmax(-1)).any())
+    assert single_scale_differs  # the extra sizes really changed some pixels
+
+
+def test_tta_sizes_are_checked_in_the_spec():
+    classes = [ClassSpec(id=0, name="a"), ClassSpec(id=1, name="b")]
+    with pytest.raises(ValueError, match="semantic models only"):
+        ModelSpec(name="det", kind="instance", source="x", classes=classes, tta_sizes=[256])
+    with pytest.raises(ValueError, match="distinct input edges"):
+        ModelSpec(name="s", kind="semantic", source="x", classes=classes, tta_sizes=[128, 128])
+    with pytest.raises(ValueError, match="distinct input edges"):
+        ModelSpec(name="s", kind="semantic", source="x", classes=classes, tta_sizes=[4])
