@@ -124,11 +124,19 @@ class Detector:
 
     REQUIRED = ("detection_boxes", "detection_scores", "detection_classes")
 
-    def __init__(self, obj: Any, source: str = "", *, tta: bool = False) -> None:
+    def __init__(self, obj: Any, source: str = "", *, tta: bool = False, zoom_out: Sequence[float] = (),
+                 zoom_min_area: float = 0.25) -> None:
         self.obj = obj
         self.source = source
         #: Flip test-time augmentation: run on the image and its mirror and fuse (:func:`fuse_detections`).
         self.tta = tta
+        #: Zoom-out test-time augmentation (with ``tta``): also run on the image padded by each of these
+        #: fractions of its height and width on every side (black, the letterbox colour detectors train
+        #: with), and its mirror. Those views count only for detections covering at least ``zoom_min_area``
+        #: of the image: they shrink large objects towards the sizes the detector saw most, and would lose
+        #: small ones (scale-specific views, as SNIP's valid ranges).
+        self.zoom_out = tuple(zoom_out)
+        self.zoom_min_area = zoom_min_area
         sigs = getattr(obj, "signatures", None)
         self._sig = sigs["serving_default"] if sigs is not None and "serving_default" in sigs else None
         self._input_name: str | None = None
@@ -148,8 +156,24 @@ class Detector:
             raise ValueError(f"detector input must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
         if not (self.tta if tta is None else tta):
             return self._once(image)
+        base = self._both_ways(image)
+        if not self.zoom_out:
+            return fuse_views(base)
+        h, w = image.shape[:2]
+        zoomed = []
+        for frac in self.zoom_out:
+            py, px = round(frac * h), round(frac * w)
+            padded = np.pad(image, ((py, py), (px, px), (0, 0)))
+            zoomed += [unzoom_detections(d, py, px, h, w) for d in self._both_ways(padded)]
+        near = fuse_views(base)
+        far = fuse_views(base + zoomed)
+        return _concat(_subset(near, box_areas(near.boxes) < self.zoom_min_area),
+                       _subset(far, box_areas(far.boxes) >= self.zoom_min_area))
+
+    def _both_ways(self, image: np.ndarray) -> list[Detections]:
+        """Detections of ``image`` and of its mirror (mapped back)."""
         mirrored = self._once(np.ascontiguousarray(image[:, ::-1]))
-        return fuse_detections(self._once(image), unflip_detections(mirrored))
+        return [self._once(image), unflip_detections(mirrored)]
 
     def _once(self, image: np.ndarray) -> Detections:
         import tensorflow as tf
@@ -229,38 +253,91 @@ def fuse_detections(a: Detections, b: Detections, *, iou_threshold: float = 0.55
     mean score, mean of both masks resampled into that box. A detection found by one pass only keeps its
     box and mask with half its score, since the other pass did not confirm it. Output is score descending.
     """
-    if not len(a.scores) or not len(b.scores):
-        lone = a if len(a.scores) else b
-        return Detections(lone.boxes, lone.classes, lone.scores * 0.5, lone.masks)
-    used = np.zeros(len(b.scores), bool)
+    return fuse_views([a, b], iou_threshold=iou_threshold)
+
+
+def fuse_views(views: Sequence[Detections], *, iou_threshold: float = 0.55) -> Detections:
+    """Fuse ``K`` passes over the same image, class-aware; :func:`fuse_detections` for ``K`` views.
+
+    Views are taken in order; each detection not yet used (best first within its view) gathers from every
+    later view the best-overlapping unused detection of its class (box IoU ≥ ``iou_threshold`` with it).
+    Each group becomes one detection: score-weighted mean box, mask = mean of its members' masks resampled
+    into that box, score = sum of its members' scores / ``K``, so an object that some views missed is
+    ranked down in proportion. Output is score descending.
+    """
+    k = len(views)
+    if k == 0:
+        raise ValueError("no views to fuse")
+    with_masks = all(v.masks is not None for v in views)
+    used = [np.zeros(len(v.scores), bool) for v in views]
     boxes, classes, scores, masks = [], [], [], []
-    with_masks = a.masks is not None and b.masks is not None
-    for i in np.argsort(-a.scores, kind="stable"):
-        iou = _box_iou(a.boxes[i], b.boxes)
-        iou[(b.classes != a.classes[i]) | used] = -1.0
-        j = int(np.argmax(iou))
-        if iou[j] < iou_threshold:
-            boxes.append(a.boxes[i]), classes.append(a.classes[i]), scores.append(0.5 * a.scores[i])
+    for v, det in enumerate(views):
+        for i in np.argsort(-det.scores, kind="stable"):
+            if used[v][i]:
+                continue
+            used[v][i] = True
+            members = [(v, int(i))]
+            for u in range(v + 1, k):
+                other = views[u]
+                if not len(other.scores):
+                    continue
+                iou = _box_iou(det.boxes[i], other.boxes)
+                iou[(other.classes != det.classes[i]) | used[u]] = -1.0
+                j = int(np.argmax(iou))
+                if iou[j] >= iou_threshold:
+                    used[u][j] = True
+                    members.append((u, j))
+            w = np.asarray([views[m].scores[j] for m, j in members], np.float64)
+            if len(members) == 1:
+                box = det.boxes[i]
+            else:
+                box = sum(float(wt) * views[m].boxes[j] for wt, (m, j) in zip(w, members, strict=True))
+                box = (box / max(float(w.sum()), 1e-12)).astype(np.float32)
+            boxes.append(box), classes.append(det.classes[i]), scores.append(float(w.sum()) / k)
             if with_masks:
-                masks.append(a.masks[i])
-            continue
-        used[j] = True
-        wa, wb = float(a.scores[i]), float(b.scores[j])
-        box = (wa * a.boxes[i] + wb * b.boxes[j]) / max(wa + wb, 1e-12)
-        boxes.append(box), classes.append(a.classes[i]), scores.append(0.5 * (wa + wb))
-        if with_masks:
-            masks.append(0.5 * (_to_box(a.masks[i], a.boxes[i], box) + _to_box(b.masks[j], b.boxes[j], box)))
-    for j in np.flatnonzero(~used):
-        boxes.append(b.boxes[j]), classes.append(b.classes[j]), scores.append(0.5 * b.scores[j])
-        if with_masks:
-            masks.append(b.masks[j])
-    order = np.argsort(-np.asarray(scores), kind="stable")
+                if len(members) == 1:
+                    masks.append(det.masks[i])
+                else:
+                    masks.append(np.mean([_to_box(views[m].masks[j], views[m].boxes[j], box) for m, j in members],
+                                         axis=0))
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    shape = next((v.masks.shape[1:] for v in views if v.masks is not None), (0, 0))
     return Detections(
-        boxes=np.asarray(boxes, np.float32)[order],
+        boxes=np.asarray(boxes, np.float32).reshape(-1, 4)[order],
         classes=np.asarray(classes, np.int32)[order],
         scores=np.asarray(scores, np.float32)[order],
-        masks=np.asarray(masks, np.float32)[order] if with_masks else None,
+        masks=(np.asarray(masks, np.float32).reshape(-1, *shape)[order] if with_masks else None),
     )
+
+
+def unzoom_detections(det: Detections, pad_y: int, pad_x: int, height: int, width: int) -> Detections:
+    """Detections of a ``height x width`` image padded by ``pad_y`` rows and ``pad_x`` columns on each side,
+    mapped back onto the unpadded image. Boxes stay normalised ``ymin, xmin, ymax, xmax`` (they may reach
+    past [0, 1] where a detection runs into the padding); box-relative masks are unchanged."""
+    b = det.boxes.astype(np.float64).reshape(-1, 4).copy()
+    b[:, [0, 2]] = (b[:, [0, 2]] * (height + 2 * pad_y) - pad_y) / height
+    b[:, [1, 3]] = (b[:, [1, 3]] * (width + 2 * pad_x) - pad_x) / width
+    return Detections(b.astype(np.float32), det.classes.copy(), det.scores.copy(), det.masks)
+
+
+def box_areas(boxes: np.ndarray) -> np.ndarray:
+    """Areas of normalised ``(N, 4)`` ymin, xmin, ymax, xmax boxes, as fractions of the image."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+
+
+def _subset(det: Detections, keep: np.ndarray) -> Detections:
+    return Detections(det.boxes[keep], det.classes[keep], det.scores[keep],
+                      None if det.masks is None else det.masks[keep])
+
+
+def _concat(a: Detections, b: Detections) -> Detections:
+    """``a`` and ``b`` together, score descending."""
+    scores = np.concatenate([a.scores, b.scores])
+    order = np.argsort(-scores, kind="stable")
+    masks = None if a.masks is None or b.masks is None else np.concatenate([a.masks, b.masks])[order]
+    return Detections(np.concatenate([a.boxes.reshape(-1, 4), b.boxes.reshape(-1, 4)])[order],
+                      np.concatenate([a.classes, b.classes])[order], scores[order], masks)
 
 
 def _not_semantic(x: np.ndarray) -> np.ndarray:
@@ -281,7 +358,8 @@ def load_instance_model(spec: ModelSpec) -> LoadedModel:
         )
     src = spec.resolve_source()
     return LoadedModel(spec=spec, predict=_not_semantic,
-                       raw=Detector(load_hub(src), source=src, tta=spec.tta == "flip"),
+                       raw=Detector(load_hub(src), source=src, tta=spec.tta == "flip", zoom_out=spec.tta_zoom_out,
+                                    zoom_min_area=spec.tta_zoom_min_area),
                        foreground=_foreground_fn(spec) if spec.refine is not None else None)
 
 

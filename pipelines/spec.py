@@ -109,6 +109,11 @@ class ModelSpec(BaseModel):
     #: are averaged: multi-scale test-time augmentation, at the cost of one more model run per size. The
     #: model must accept any input size (a fully convolutional model saved with no fixed input shape).
     tta_sizes: list[int] = []
+    #: Instance models with ``tta`` ``flip``: zoom-out views, each the image padded by this fraction of its
+    #: height and width on every side (and its mirror); fused with the flip views for detections covering
+    #: at least ``tta_zoom_min_area`` of the image only (:class:`pipelines.instances.Detector`).
+    tta_zoom_out: list[float] = []
+    tta_zoom_min_area: float = Field(default=0.25, ge=0.0, le=1.0)
     #: Ground resolution the model was trained at, metres per pixel (rasters at other resolutions are
     #: resampled before inference and results returned on the input grid). None: use native pixels.
     ground_resolution_m: float | None = None
@@ -133,6 +138,10 @@ class ModelSpec(BaseModel):
             raise ValueError("bands must list exactly `channels` band indices")
         if self.refine is not None and self.kind != "instance":
             raise ValueError("refine applies to instance models only")
+        if self.tta_zoom_out and (self.kind != "instance" or self.tta != "flip"):
+            raise ValueError("tta_zoom_out applies to instance models with tta 'flip'")
+        if any(not 0.0 < f <= 1.0 for f in self.tta_zoom_out):
+            raise ValueError("tta_zoom_out fractions must be in (0, 1]")
         if self.tta_sizes and self.kind != "semantic":
             raise ValueError("tta_sizes applies to semantic models only")
         if any(not 8 <= t <= 4096 for t in self.tta_sizes) or len(set(self.tta_sizes)) != len(self.tta_sizes):
