@@ -75,7 +75,8 @@ def train_unet_command(export_dir: str | None, name: str, **kw) -> None:
               help="Where to write the pseudo-labeled folder (use it with train unet --extra-train).")
 @click.option("--threshold", default=0.9, show_default=True, type=click.FloatRange(0, 1),
               help="Pixels whose top probability is lower are left unlabeled (ignored in training).")
-@click.option("--tta/--no-tta", default=True, show_default=True, help="Average with the flipped image.")
+@click.option("--tta/--no-tta", default=True, show_default=True,
+              help="Average with the flipped image, and at the spec's tta_sizes in resize mode.")
 @click.option("--mode", type=click.Choice(["resize", "tile"]), default=None)
 @click.option("--instance-model", default=None,
               help="Write one-object instance labels for `train maskrcnn --extra-train` instead: the semantic "
@@ -131,7 +132,8 @@ def pseudo_label_command(model: str, data: str, out: str, threshold: float, tta:
 @click.option("--mode", type=click.Choice(["resize", "tile"]), default=None,
               help="Inference mode (default: the model spec's).")
 @click.option("--tta/--no-tta", default=None,
-              help="Average with the flipped image [default: as the model spec's `tta` says].")
+              help="Test-time augmentation: the flip, plus the spec's tta_sizes (semantic, resize mode) or "
+                   "tta_zoom_out views (instance) [default: as the model spec says; --no-tta: one pass].")
 @click.option("--label-offset", default=1, show_default=True, type=int,
               help="class id = trimap value - offset.")
 @click.option("--refine/--no-refine", default=None,
