@@ -157,15 +157,15 @@ class Detector:
         if not (self.tta if tta is None else tta):
             return self._once(image)
         base = self._both_ways(image)
+        near = fuse_views(base)
         if not self.zoom_out:
-            return fuse_views(base)
+            return near
         h, w = image.shape[:2]
         zoomed = []
         for frac in self.zoom_out:
             py, px = round(frac * h), round(frac * w)
             padded = np.pad(image, ((py, py), (px, px), (0, 0)))
             zoomed += [unzoom_detections(d, py, px, h, w) for d in self._both_ways(padded)]
-        near = fuse_views(base)
         far = fuse_views(base + zoomed)
         return _concat(_subset(near, box_areas(near.boxes) < self.zoom_min_area),
                        _subset(far, box_areas(far.boxes) >= self.zoom_min_area))
@@ -336,7 +336,7 @@ def _concat(a: Detections, b: Detections) -> Detections:
     scores = np.concatenate([a.scores, b.scores])
     order = np.argsort(-scores, kind="stable")
     masks = None if a.masks is None or b.masks is None else np.concatenate([a.masks, b.masks])[order]
-    return Detections(np.concatenate([a.boxes.reshape(-1, 4), b.boxes.reshape(-1, 4)])[order],
+    return Detections(np.concatenate([a.boxes, b.boxes])[order],
                       np.concatenate([a.classes, b.classes])[order], scores[order], masks)
 
 
