@@ -42,15 +42,19 @@ __all__ = [
     "FitConfig",
     "PackedData",
     "crop_coords",
+    "consistency_targets",
     "cutmix",
+    "cutmix_mask",
+    "ema_decay",
     "load_pack",
     "load_weights_npz",
     "lr_at",
     "pack_folders",
 ]
 
-#: Split codes stored in a pack.
-TRAIN, EXTRA, VAL = 0, 1, 2
+#: Split codes stored in a pack: labelled training, extra (pseudo-labelled) training, validation, and
+#: unlabelled photos (no label bytes; used only by the consistency term of ``fit``).
+TRAIN, EXTRA, VAL, UNLABELED = 0, 1, 2, 3
 # pipelines.losses.IGNORE; not imported from there because that imports keras, and ``fit`` must choose the
 # Keras backend before keras is first imported.
 _IGNORE = 255
@@ -60,13 +64,19 @@ _IGNORE = 255
 
 
 def pack_folders(
-    data: str | Path, out: str | Path, extra_train: list[str | Path] | None = None, val_fraction: float = 0.15
+    data: str | Path,
+    out: str | Path,
+    extra_train: list[str | Path] | None = None,
+    val_fraction: float = 0.15,
+    unlabeled: list[str | Path] | None = None,
 ) -> dict:
-    """Write the training/validation split of ``data`` and every name of ``extra_train`` to ``out`` (.npz).
+    """Write the training/validation split of ``data``, every name of ``extra_train`` and every photo of
+    ``unlabeled`` (folders laid out like ``oxford_pets_unlabeled``: images/ and annotations/*.txt) to ``out``.
 
     Files are stored as their encoded bytes (JPEG/PNG), so a pack of the pets folders is about 15 MB. Arrays:
     ``blob`` uint8, ``img_off``/``lab_off`` int64 offsets ``(N + 1,)`` into it, ``split`` uint8 ``(N,)``
-    (0 train, 1 extra train, 2 validation) and ``names`` (unicode). Returns counts per split.
+    (0 train, 1 extra train, 2 validation, 3 unlabelled: no label bytes) and ``names`` (unicode). Returns
+    counts per split.
     """
     from pipelines.train import list_names, load_pairs, split_names
 
@@ -81,11 +91,16 @@ def pack_folders(
         pairs, _ = load_pairs(extra)
         # A name of the validation split never trains, whichever folder lists it.
         entries += [(n, i, m, EXTRA) for n, i, m in pairs if n not in val_set]
+    for folder in unlabeled or []:
+        pairs, _ = load_pairs(folder, require_mask=False)
+        # Validation photos stay unseen, even without their labels.
+        entries += [(n, i, None, UNLABELED) for n, i, _ in pairs if n not in val_set]
     blob, img_off, lab_off = bytearray(), [0], [0]
     for _, img, lab, _ in entries:
         blob += img.read_bytes()
         img_off.append(len(blob))
-        blob += lab.read_bytes()
+        if lab is not None:
+            blob += lab.read_bytes()
         lab_off.append(len(blob))
     # Offsets: image k is blob[lab_off[k]:img_off[k+1]], its label blob[img_off[k+1]:lab_off[k+1]].
     np.savez(
@@ -98,7 +113,8 @@ def pack_folders(
         val_fraction=np.float64(val_fraction),
     )
     codes = [e[3] for e in entries]
-    return {"train": codes.count(TRAIN), "extra": codes.count(EXTRA), "val": codes.count(VAL)}
+    return {"train": codes.count(TRAIN), "extra": codes.count(EXTRA), "val": codes.count(VAL),
+            "unlabeled": codes.count(UNLABELED)}
 
 
 @dataclass
@@ -123,7 +139,9 @@ def load_pack(path: str | Path, label_offset: int = 1, max_side: int = 512) -> P
     ims, labs = [], []
     for k in range(len(z["split"])):
         img = Image.open(io.BytesIO(blob[lab_off[k] : img_off[k + 1]].tobytes())).convert("RGB")
-        lab = Image.open(io.BytesIO(blob[img_off[k + 1] : lab_off[k + 1]].tobytes()))
+        lab_bytes = blob[img_off[k + 1] : lab_off[k + 1]].tobytes()
+        # An unlabelled photo has no label bytes: every pixel is unknown (trimap 0 -> ignored).
+        lab = Image.open(io.BytesIO(lab_bytes)) if lab_bytes else Image.new("L", img.size, 0)
         if lab.size != img.size:
             lab = lab.resize(img.size, Image.NEAREST)
         if max(img.size) > max_side:
@@ -219,11 +237,30 @@ class FitConfig:
     #: ``mixed_bfloat16`` computes convolutions in bfloat16 with float32 weights (about twice the steps per
     #: second on Hopper GPUs); the exported weights are float32 either way.
     precision: str = "float32"
+    #: Decay of an exponential moving average of every variable (weights and batch-norm statistics), updated
+    #: each step; 0 turns it off. When on, the average is what is validated, exported and used as teacher.
+    ema: float = 0.0
+    #: Weight of the mean-teacher consistency loss on photos without labels (CutMix-Seg, French et al. 2020):
+    #: the EMA teacher labels a batch, two photos are mixed by a CutMix rectangle and the student must give
+    #: the mixed teacher labels. 0 turns it off; needs ``ema``. Ramped up linearly over ``consistency_rampup``
+    #: of the steps, while the teacher is still poor.
+    consistency: float = 0.0
+    #: A teacher pixel is a target only where its top probability is at least this; others are ignored.
+    consistency_threshold: float = 0.9
+    consistency_rampup: float = 0.2
     budget_s: float = 400.0
     seed: int = 0
     evals: int = 40
     label_offset: int = 1
     num_classes: int = 3
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("float32", "mixed_bfloat16"):
+            raise ValueError(f"precision must be float32 or mixed_bfloat16, not {self.precision!r}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1), not {self.ema}")
+        if self.consistency > 0 and self.ema <= 0:
+            raise ValueError("consistency needs a teacher: set ema (e.g. 0.999)")
 
 
 def _augment_fn(size: int):
@@ -260,14 +297,12 @@ def _augment_fn(size: int):
     return jax.vmap(one)
 
 
-def cutmix(key, x, y, p: float):
-    """CutMix inside a batch: with probability ``p`` per item, a random rectangle of the next item (batch
-    order rolled by one) replaces the same rectangle of ``x (N, S, S, C)`` and ``y (N, S, S)``. JAX arrays;
-    returns ``(x, y)``."""
+def cutmix_mask(key, n: int, size: int, p: float):
+    """``(n, size, size) bool``: per item, with probability ``p``, a random rectangle of 10-50 % of the area
+    (aspect ratio within e^±0.5), True inside. JAX."""
     import jax
     import jax.numpy as jnp
 
-    n, size = x.shape[0], x.shape[1]
     k = jax.random.split(key, 4)
     apply = jax.random.uniform(k[0], (n,)) < p
     area = jax.random.uniform(k[1], (n,), jnp.float32, 0.1, 0.5)
@@ -276,12 +311,42 @@ def cutmix(key, x, y, p: float):
     half_w = jnp.sqrt(area / ar) * size / 2
     centre = jax.random.uniform(k[3], (n, 2), jnp.float32) * size
     grid = jnp.arange(size, dtype=jnp.float32) + 0.5
-    inside = ((jnp.abs(grid[None, :, None] - centre[:, 0, None, None]) < half_h[:, None, None])
-              & (jnp.abs(grid[None, None, :] - centre[:, 1, None, None]) < half_w[:, None, None])
-              & apply[:, None, None])
-    x = jnp.where(inside[..., None], jnp.roll(x, 1, axis=0), x)
-    y = jnp.where(inside, jnp.roll(y, 1, axis=0), y)
-    return x, y
+    return ((jnp.abs(grid[None, :, None] - centre[:, 0, None, None]) < half_h[:, None, None])
+            & (jnp.abs(grid[None, None, :] - centre[:, 1, None, None]) < half_w[:, None, None])
+            & apply[:, None, None])
+
+
+def _paste_next(inside, a):
+    """Where ``inside (N, S, S)``, ``a (N, S, S, ...)`` takes the values of the next item (order rolled by one)."""
+    import jax.numpy as jnp
+
+    m = inside.reshape(inside.shape + (1,) * (a.ndim - 3))
+    return jnp.where(m, jnp.roll(a, 1, axis=0), a)
+
+
+def cutmix(key, x, y, p: float):
+    """CutMix inside a batch: with probability ``p`` per item, a random rectangle of the next item (batch
+    order rolled by one) replaces the same rectangle of ``x (N, S, S, C)`` and ``y (N, S, S)``. JAX arrays;
+    returns ``(x, y)``."""
+    inside = cutmix_mask(key, x.shape[0], x.shape[1], p)
+    return _paste_next(inside, x), _paste_next(inside, y)
+
+
+def consistency_targets(probs, threshold: float):
+    """Teacher softmax ``probs (..., K)`` -> hard targets ``(...) uint8``: the top class where its probability
+    is at least ``threshold``, 255 (ignored by the loss) elsewhere. JAX arrays."""
+    import jax.numpy as jnp
+
+    top = probs.argmax(-1).astype(jnp.uint8)
+    return jnp.where(probs.max(-1) >= threshold, top, jnp.uint8(_IGNORE))
+
+
+def ema_decay(decay: float, step):
+    """The decay used at ``step`` (0-based): ``min(decay, (1 + step) / (10 + step))``, so the average forgets
+    the random initialisation quickly (the rule of TensorFlow's ExponentialMovingAverage ``num_updates``)."""
+    import jax.numpy as jnp
+
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def _val_arrays(data: PackedData, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -314,11 +379,11 @@ def fit(cfg: FitConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_pack(cfg.pack, cfg.label_offset)
-    train_idx = np.flatnonzero(data.split != VAL)
+    train_idx = np.flatnonzero((data.split == TRAIN) | (data.split == EXTRA))
+    # Consistency photos: every photo that may train, labelled or not (never a validation photo).
+    pool_idx = np.flatnonzero(data.split != VAL)
     val_x, val_y = _val_arrays(data, cfg.size)
     keras.utils.set_random_seed(cfg.seed)
-    if cfg.precision not in ("float32", "mixed_bfloat16"):
-        raise ValueError(f"precision must be float32 or mixed_bfloat16, not {cfg.precision!r}")
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(cfg.precision)
     try:
@@ -342,48 +407,78 @@ def fit(cfg: FitConfig) -> dict:
     labels = jax.device_put(data.labels)
     hws = jax.device_put(data.hw)
 
-    def loss_fn(tv, ntv, x, y):
+    def loss_fn(tv, ntv, x, y, n_sup, w_u):
+        # One forward pass over the labelled crops and, after them, the mixed consistency crops, so batch
+        # normalisation sees both.
         probs, ntv = model.stateless_call(tv, ntv, x, training=True)
-        return loss_obj(y[..., None], probs), ntv
+        loss = loss_obj(y[:n_sup, ..., None], probs[:n_sup])
+        if x.shape[0] > n_sup:
+            loss = loss + w_u * loss_obj(y[n_sup:, ..., None], probs[n_sup:])
+        return loss, ntv
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     @jax.jit
-    def train_step(state, idx, key, lr):
-        tv, ntv, ov = state
-        key, mix_key = jax.random.split(key)
+    def train_step(state, idx, uidx, key, lr, w_u, step):
+        tv, ntv, ov, etv, entv = state
+        key, mix_key, u_key, umix_key = jax.random.split(key, 4)
         x, y = augment(jax.random.split(key, idx.shape[0]), images[idx], labels[idx], hws[idx])
         if cfg.cutmix > 0:
             x, y = cutmix(mix_key, x, y, cfg.cutmix)
-        (loss, ntv), grads = grad_fn(tv, ntv, x, y)
+        n_sup = x.shape[0]
+        if cfg.consistency > 0:
+            xu, _ = augment(jax.random.split(u_key, uidx.shape[0]), images[uidx], labels[uidx], hws[uidx])
+            teacher, _ = model.stateless_call(etv, entv, xu, training=False)
+            # Every consistency crop is mixed: the rectangle is the perturbation the student must see through.
+            inside = cutmix_mask(umix_key, xu.shape[0], xu.shape[1], 1.0)
+            yu = consistency_targets(_paste_next(inside, jax.lax.stop_gradient(teacher)),
+                                     cfg.consistency_threshold)
+            x = jnp.concatenate([x, _paste_next(inside, xu)])
+            y = jnp.concatenate([y, yu])
+        (loss, ntv), grads = grad_fn(tv, ntv, x, y, n_sup, w_u)
         ov = list(ov)
         ov[lr_slot] = lr.astype(ov[lr_slot].dtype)
         tv, ov = opt.stateless_apply(ov, grads, tv)
-        return (tv, ntv, ov), loss
+        if cfg.ema > 0:
+            d = ema_decay(cfg.ema, step)
+            etv = [d * e + (1 - d) * v for e, v in zip(etv, tv, strict=True)]
+            entv = [d * e + (1 - d) * v if jnp.issubdtype(v.dtype, jnp.floating) else v
+                    for e, v in zip(entv, ntv, strict=True)]
+        return (tv, ntv, ov, etv, entv), loss
 
     @jax.jit
     def predict(tv, ntv, x):
         probs, _ = model.stateless_call(tv, ntv, x, training=False)
         return probs
 
-    state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
-             [v.value for v in opt.variables])
+    tv0 = [v.value for v in model.trainable_variables]
+    ntv0 = [v.value for v in model.non_trainable_variables]
+    # The average starts as a copy of the initial variables (its decay rule forgets them within ~100 steps).
+    state = (tv0, ntv0, [v.value for v in opt.variables], [jnp.array(v) for v in tv0], [jnp.array(v) for v in ntv0])
     rng = np.random.default_rng(cfg.seed)
     key = jax.random.PRNGKey(cfg.seed)
-    perm: list[int] = []
+    streams: dict[str, list[int]] = {"sup": [], "pool": []}
 
-    def next_idx() -> np.ndarray:
-        nonlocal perm
-        if len(perm) < cfg.batch_size:
-            perm = perm + list(rng.permutation(train_idx))
-        b, perm = perm[: cfg.batch_size], perm[cfg.batch_size :]
+    def draw(stream: str, pool: np.ndarray) -> np.ndarray:
+        if len(streams[stream]) < cfg.batch_size:
+            streams[stream] = streams[stream] + list(rng.permutation(pool))
+        b, streams[stream] = streams[stream][: cfg.batch_size], streams[stream][cfg.batch_size :]
         return np.asarray(b, np.int32)
 
-    def evaluate(st) -> tuple[float, float, float]:
+    no_pool = np.zeros(1, np.int32)
+
+    def step_args() -> tuple[np.ndarray, np.ndarray]:
+        return draw("sup", train_idx), (draw("pool", pool_idx) if cfg.consistency > 0 else no_pool)
+
+    def served(st) -> tuple[list, list]:
+        """The variables that are validated and exported: the average when there is one."""
+        return (st[3], st[4]) if cfg.ema > 0 else (st[0], st[1])
+
+    def evaluate(variables) -> tuple[float, float, float]:
         cm = np.zeros((cfg.num_classes,) * 2, np.int64)
         vloss = []
         for s in range(0, len(val_x), 32):
-            p = predict(st[0], st[1], jnp.asarray(val_x[s : s + 32]))
+            p = predict(variables[0], variables[1], jnp.asarray(val_x[s : s + 32]))
             vloss.append(float(loss_obj(jnp.asarray(val_y[s : s + 32, ..., None]), p)) * len(p))
             cm += confusion_matrix(val_y[s : s + 32], np.asarray(p.argmax(-1)), cfg.num_classes)
         report = scores(cm)
@@ -392,14 +487,15 @@ def fit(cfg: FitConfig) -> dict:
     # Calibrate: compile, then time steps at the warm-up's first learning rate to size the schedule.
     t0 = time.time()
     key, sub = jax.random.split(key)
-    state, loss = train_step(state, next_idx(), sub, jnp.float32(cfg.learning_rate / 100))
+    cal_lr = jnp.float32(cfg.learning_rate / 100)
+    state, loss = train_step(state, *step_args(), sub, cal_lr, jnp.float32(0), jnp.float32(0))
     loss.block_until_ready()
     compile_s = time.time() - t0
     t0 = time.time()
     n_cal = 10
     for _ in range(n_cal):
         key, sub = jax.random.split(key)
-        state, loss = train_step(state, next_idx(), sub, jnp.float32(cfg.learning_rate / 100))
+        state, loss = train_step(state, *step_args(), sub, cal_lr, jnp.float32(0), jnp.float32(0))
     loss.block_until_ready()
     step_s = (time.time() - t0) / n_cal
     total = max(20, int((cfg.budget_s - (time.time() - t_start)) / step_s))
@@ -419,12 +515,13 @@ def fit(cfg: FitConfig) -> dict:
     for step in range(total):
         key, sub = jax.random.split(key)
         lr = lr_at(step, total, cfg.learning_rate, warmup)
-        state, loss = train_step(state, next_idx(), sub, jnp.float32(lr))
+        w_u = cfg.consistency * min(1.0, (step + 1) / max(1.0, cfg.consistency_rampup * total))
+        state, loss = train_step(state, *step_args(), sub, jnp.float32(lr), jnp.float32(w_u), jnp.float32(step))
         losses.append(loss)
         if (step + 1) % eval_every == 0 or step + 1 == total:
             tr_loss = float(np.mean([float(v) for v in losses]))
             losses = []
-            acc, miou, vloss = evaluate(state)
+            acc, miou, vloss = evaluate(served(state))
             row = [int(round((step + 1) / steps_per_epoch)), step + 1, lr, tr_loss, vloss, miou, acc,
                    round(time.time() - t_start, 1)]
             with open(hist, "a", newline="") as f:
@@ -433,12 +530,21 @@ def fit(cfg: FitConfig) -> dict:
                   f"val_acc {acc:.4f} val_miou {miou:.4f} {time.time() - t_start:.0f}s", flush=True)
     train_s = time.time() - t_train
 
-    for v, val in zip(model.trainable_variables, state[0], strict=True):
-        v.assign(val)
-    for v, val in zip(model.non_trainable_variables, state[1], strict=True):
-        v.assign(val)
-    np.savez(out / "weights.npz", **{v.path: np.asarray(v.value) for v in model.weights})
-    acc, miou, _ = evaluate(state)
+    def save(variables, path: Path) -> None:
+        for v, val in zip(model.trainable_variables, variables[0], strict=True):
+            v.assign(val)
+        for v, val in zip(model.non_trainable_variables, variables[1], strict=True):
+            v.assign(val)
+        np.savez(path, **{v.path: np.asarray(v.value) for v in model.weights})
+
+    student = {}
+    if cfg.ema > 0:
+        # Kept for comparison; weights.npz (what export reads) is the average.
+        save((state[0], state[1]), out / "weights_student.npz")
+        s_acc, s_miou, _ = evaluate((state[0], state[1]))
+        student = {"student_val": {"pixel_accuracy": s_acc, "mean_iou": s_miou, "size": cfg.size}}
+    save(served(state), out / "weights.npz")
+    acc, miou, _ = evaluate(served(state))
     report = {
         "config": asdict(cfg),
         "device": str(jax.devices()[0]),
@@ -453,6 +559,8 @@ def fit(cfg: FitConfig) -> dict:
         "train_s": train_s,
         "wall_s": time.time() - t_start,
         "final_val": {"pixel_accuracy": acc, "mean_iou": miou, "size": cfg.size},
+        "pool_images": int(len(pool_idx)) if cfg.consistency > 0 else 0,
+        **student,
     }
     (out / "run.json").write_text(json.dumps(report, indent=2))
     return report
@@ -516,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     pk = sub.add_parser("pack", help="pack a labelled folder (and extra training folders) into one .npz")
     pk.add_argument("--data", required=True)
     pk.add_argument("--extra-train", action="append", default=[])
+    pk.add_argument("--unlabeled", action="append", default=[],
+                    help="folder of photos without labels (images/, annotations/*.txt), for the consistency term")
     pk.add_argument("--val-fraction", type=float, default=0.15)
     pk.add_argument("--out", required=True)
     ft = sub.add_parser("fit", help="train on a pack with the JAX backend")
@@ -534,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         print(export_run(a.run, a.out, a.description).name)
         return 0
     if a.cmd == "pack":
-        print(json.dumps(pack_folders(a.data, a.out, a.extra_train, a.val_fraction)))
+        print(json.dumps(pack_folders(a.data, a.out, a.extra_train, a.val_fraction, a.unlabeled)))
         return 0
     cfg = FitConfig(**{k: v for k, v in vars(a).items() if k != "cmd"})
     print(json.dumps(fit(cfg)["final_val"]))

@@ -20,12 +20,16 @@ jax = pytest.importorskip("jax")
 from pipelines.train_jax import (  # noqa: E402
     EXTRA,
     TRAIN,
+    UNLABELED,
     VAL,
+    FitConfig,
     _augment_fn,
     _bilinear,
     _nearest,
+    consistency_targets,
     crop_coords,
     cutmix,
+    ema_decay,
     export_run,
     load_pack,
     load_weights_npz,
@@ -118,17 +122,24 @@ def pack(tmp_path_factory) -> tuple[Path, list[str]]:
         Image.open(PETS / "trimaps" / f"{src}.png").point(lambda v: 0 if v == 3 else v).save(
             extra / "trimaps" / f"{n}.png")
     (extra / "annotations" / "list.txt").write_text("".join(f"{n} 1 1 1\n" for n in extra_names))
+    # A folder of photos without labels, also listing a validation photo, which must not be packed at all.
+    unlabeled = tmp_path_factory.mktemp("unlabeled")
+    for sub in ("images", "annotations"):
+        (unlabeled / sub).mkdir()
+    (unlabeled / "images" / "free_a.jpg").symlink_to(PETS / "images" / f"{names[1]}.jpg")
+    (unlabeled / "images" / f"{names[-1]}.jpg").symlink_to(PETS / "images" / f"{names[-1]}.jpg")
+    (unlabeled / "annotations" / "list.txt").write_text(f"free_a 1 1 1\n{names[-1]} 1 1 1\n")
     out = tmp_path_factory.mktemp("pack") / "pets.npz"
-    counts = pack_folders(root, out, [extra])
-    assert counts == {"train": 3, "extra": 1, "val": 2}
+    counts = pack_folders(root, out, [extra], unlabeled=[unlabeled])
+    assert counts == {"train": 3, "extra": 1, "val": 2, "unlabeled": 1}
     return out, names
 
 
 def test_pack_roundtrip_decodes_photos_and_labels(pack):
     path, names = pack
     d = load_pack(path)
-    assert d.names == [*names[:3], *names[3:], "pseudo_a"]
-    assert list(d.split) == [TRAIN] * 3 + [VAL] * 2 + [EXTRA]
+    assert d.names == [*names[:3], *names[3:], "pseudo_a", "free_a"]
+    assert list(d.split) == [TRAIN] * 3 + [VAL] * 2 + [EXTRA, UNLABELED]
     for k, n in enumerate(names):
         img = np.asarray(Image.open(PETS / "images" / f"{n}.jpg").convert("RGB"))
         tri = np.asarray(Image.open(PETS / "trimaps" / f"{n}.png"))
@@ -139,10 +150,41 @@ def test_pack_roundtrip_decodes_photos_and_labels(pack):
         assert (d.labels[k, h:] == 255).all() and (d.labels[k, :, w:] == 255).all()
     # Pseudo-label value 0 (unknown) becomes 255.
     assert 255 in np.unique(d.labels[5, : d.hw[5][0], : d.hw[5][1]])
+    # The unlabelled photo is the photo itself, with every pixel unknown.
+    h, w = d.hw[6]
+    np.testing.assert_array_equal(d.images[6, :h, :w], d.images[1, : d.hw[1][0], : d.hw[1][1]])
+    assert (d.labels[6] == 255).all()
 
 
-@pytest.mark.parametrize("options", [[], ["--precision", "mixed_bfloat16", "--cutmix", "1.0"]],
-                         ids=["float32", "bfloat16-cutmix"])
+def test_consistency_targets_keep_only_confident_teacher_pixels():
+    probs = np.asarray([[0.95, 0.03, 0.02], [0.5, 0.3, 0.2], [0.05, 0.05, 0.9], [0.1, 0.89, 0.01]], np.float32)
+    np.testing.assert_array_equal(np.asarray(consistency_targets(probs, 0.9)), [0, 255, 2, 255])
+    np.testing.assert_array_equal(np.asarray(consistency_targets(probs, 0.0)), [0, 0, 2, 1])
+    assert np.asarray(consistency_targets(probs.reshape(2, 2, 3), 0.9)).shape == (2, 2)
+
+
+def test_ema_decay_forgets_the_start_then_holds_the_configured_decay():
+    assert float(ema_decay(0.999, 0)) == pytest.approx(0.1)
+    assert float(ema_decay(0.999, 90)) == pytest.approx(0.91)
+    assert float(ema_decay(0.999, 1e6)) == pytest.approx(0.999)
+    assert all(float(ema_decay(0.99, s)) <= 0.99 + 1e-6 for s in (0, 10, 1000, 10**7))  # float32
+
+
+def test_fit_config_refuses_consistency_without_a_teacher_and_bad_values():
+    with pytest.raises(ValueError, match="needs a teacher"):
+        FitConfig(pack="p.npz", out="o", consistency=1.0)
+    with pytest.raises(ValueError, match="ema"):
+        FitConfig(pack="p.npz", out="o", ema=1.0)
+    with pytest.raises(ValueError, match="precision"):
+        FitConfig(pack="p.npz", out="o", precision="float16")
+    assert FitConfig(pack="p.npz", out="o", ema=0.999, consistency=1.0).consistency == 1.0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [[], ["--precision", "mixed_bfloat16", "--cutmix", "1.0"], ["--ema", "0.9", "--consistency", "1.0",
+                                                                 "--consistency-threshold", "0.0"]],
+    ids=["float32", "bfloat16-cutmix", "ema-consistency"])
 def test_fit_on_jax_then_export_and_serve_on_tensorflow(pack, tmp_path, options):
     path, _ = pack
     out = tmp_path / "run"
@@ -154,8 +196,16 @@ def test_fit_on_jax_then_export_and_serve_on_tensorflow(pack, tmp_path, options)
     )
     assert res.returncode == 0, res.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
+    # The unlabelled photo never trains with the labelled ones.
     assert run["steps"] == 20 and run["train_images"] == 4 and run["val_images"] == 2
     assert "jax" in run and 0.0 <= run["final_val"]["mean_iou"] <= 1.0
+    if "--ema" in options:
+        # Consistency draws from every photo that may train: 3 labelled, 1 pseudo-labelled, 1 unlabelled.
+        assert run["pool_images"] == 5 and 0.0 <= run["student_val"]["mean_iou"] <= 1.0
+        averaged, student = np.load(out / "weights.npz"), np.load(out / "weights_student.npz")
+        assert averaged.files == student.files
+        kernels = [k for k in averaged.files if k.endswith("kernel")]
+        assert not all(np.allclose(averaged[k], student[k]) for k in kernels)
     with open(out / "history.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert int(rows[-1]["step"]) == 20 and 0 < float(rows[-1]["loss"]) < 100
