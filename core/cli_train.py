@@ -139,8 +139,11 @@ def pseudo_label_command(model: str, data: str, out: str, threshold: float, tta:
 @click.option("--refine/--no-refine", default=None,
               help="Instance models: blend masks with the spec's semantic model [default: as the spec's "
                    "`refine` says].")
+@click.option("--square", type=click.IntRange(8, 4096), default=None,
+              help="Semantic models on oxford_pets folders: resize each photo and trimap to N x N first (the "
+                   "protocol of notebooks that score at e.g. 128x128) [default: each trimap's own size].")
 def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction: float, mode: str | None,
-                 tta: bool | None, label_offset: int, refine: bool | None) -> None:
+                 tta: bool | None, label_offset: int, refine: bool | None, square: int | None) -> None:
     """Score a model on a labeled folder.
 
     Layouts: oxford_pets (images/, trimaps/, annotations/); spacenet1_rio_buildings (images/*.tif,
@@ -165,11 +168,13 @@ def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction:
         raise click.BadParameter("oxford_pets folders have no test split here: use val or all",
                                  param_hint="--split")
     if spec.kind == "instance":
+        if square:
+            raise click.BadParameter("scores instance models at the photos' own size only", param_hint="--square")
         _eval_instances(spec, data, as_json, split, val_fraction, tta, refine)
         return
     try:
         report = evaluate_folder(model, data, split=split, val_fraction=val_fraction, mode=mode, tta=tta,
-                                 label_offset=label_offset)
+                                 label_offset=label_offset, square=square)
     except (AdapterError, ModelNotFound, ValueError) as e:
         raise click.ClickException(str(e)) from e
     if report["skipped"]:
@@ -177,8 +182,9 @@ def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction:
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
+    at = f"  at {square}x{square}" if square else ""
     click.echo(f"model {report['model']}  mode {report['mode']}  split {report['split']}  "
-               f"images {report['images']}  pixels {report['pixels']}")
+               f"images {report['images']}  pixels {report['pixels']}{at}")
     click.echo(f"pixel accuracy {report['pixel_accuracy']:.4f}   mean IoU {report['mean_iou']:.4f}")
     click.echo(f"{'class':<14}{'dice':>8}{'iou':>8}")
     for cname, s in report["per_class"].items():

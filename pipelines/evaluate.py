@@ -31,6 +31,7 @@ __all__ = [
     "flip_tta",
     "make_predictor",
     "read_truth",
+    "resize_square",
     "resolve_model",
 ]
 
@@ -131,11 +132,16 @@ def evaluate_folder(
     mode: str | None = None,
     tta: bool | None = None,
     label_offset: int = 1,
+    square: int | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on every listed name of ``data`` (``split="val"``: only the held-out names).
 
-    Returns a JSON-ready dict: ``model``, ``mode``, ``split``, ``tta``, ``images``, ``skipped`` (listed
-    names whose files are missing), ``pixels``, ``pixel_accuracy``, ``mean_iou``, ``mean_dice``,
+    Scores are computed at each trimap's own resolution, unless ``square`` is given: then each photo
+    (bilinear) and its trimap (nearest) are first resized to ``square x square`` pixels, the protocol of
+    notebooks that train and score at a fixed size (e.g. 128x128), and the model serves that photo as usual.
+
+    Returns a JSON-ready dict: ``model``, ``mode``, ``split``, ``tta``, ``square``, ``images``, ``skipped``
+    (listed names whose files are missing), ``pixels``, ``pixel_accuracy``, ``mean_iou``, ``mean_dice``,
     ``per_class`` ``{name: {"dice", "iou", "support"}}`` and ``confusion`` (rows = truth, model order).
     """
     if split not in ("val", "all"):
@@ -158,6 +164,8 @@ def evaluate_folder(
         rgb = _read_photo(img_path)
         if rgb.shape[:2] != truth.shape:
             raise AdapterError(f"{img_path}: image {rgb.shape[:2]} and trimap {truth.shape} sizes differ")
+        if square:
+            rgb, truth = resize_square(rgb, truth, square)
         pred = predictor(rgb).argmax(-1)
         cm += confusion_matrix(truth, pred, k)
     sc = scores(cm)
@@ -168,6 +176,7 @@ def evaluate_folder(
         "split": split,
         "tta": spec.tta == "flip" if tta is None else tta,
         "tta_sizes": [] if tta is False or mode != "resize" else spec.tta_sizes,
+        "square": square,
         "images": len(pairs),
         "skipped": skipped,
         "pixels": int(cm.sum()),
@@ -181,6 +190,17 @@ def evaluate_folder(
         },
         "confusion": cm.tolist(),
     }
+
+
+def resize_square(rgb: np.ndarray, truth: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(H, W, 3) uint8`` photo and ``(H, W) int16`` class ids -> both at ``(size, size)``: the photo
+    bilinear, the labels nearest-neighbour (a label is never blended; -1, unknown, stays -1)."""
+    if size < 1:
+        raise ValueError(f"square size must be positive, got {size}")
+    photo = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
+    # Shifted by one so that -1 (unknown) fits an 8-bit image; ids above 254 do not occur in trimaps.
+    lab = Image.fromarray((truth.astype(np.int32) + 1).clip(0, 255).astype(np.uint8))
+    return photo, np.asarray(lab.resize((size, size), Image.NEAREST)).astype(np.int16) - 1
 
 
 def export_model(

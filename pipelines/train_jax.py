@@ -7,17 +7,26 @@ colour-jitters its batch there inside one jitted function, so a small U-Net is n
 input pipeline. The learning-rate schedule follows a wall-clock budget (``--budget-s``) instead of an epoch
 count, because accelerator time is what is rationed.
 
-Two commands::
+Photos without labels (``pack --unlabeled``) train through a mean-teacher consistency term (``--ema`` and
+``--consistency``; CutMix-Seg, French et al., BMVC 2020): an exponential moving average of the model labels an
+augmented batch of photos, two photos of that batch are mixed by a CutMix rectangle, and the model must give
+the teacher's confident labels on the mixed photo. Unlike a fixed pseudo-label folder made once, the targets
+improve as training does.
+
+Three commands::
 
     # on the TensorFlow host: photos and label PNGs as encoded bytes in one .npz (no pickle)
-    python -m pipelines.train_jax pack --data ../shared/data/oxford_pets --extra-train runs/pseudo \\
-        --out .gpu/pets.npz
+    python -m pipelines.train_jax pack --data ../shared/data/oxford_pets \\
+        --unlabeled ../shared/data/oxford_pets_unlabeled --out .gpu/pets.npz
     # on the JAX host
     KERAS_BACKEND=jax python -m pipelines.train_jax fit --pack .gpu/pets.npz --out OUT --size 192 \\
-        --base-filters 24 --budget-s 400
+        --base-filters 24 --ema 0.999 --consistency 1.0 --budget-s 400
+    # back on the TensorFlow host: a registry model folder
+    python -m pipelines.train_jax export --run OUT --out runs/unet-export
 
 ``fit`` writes ``OUT/weights.npz`` (every variable by its Keras path, loadable into a model built here with
-:func:`load_weights_npz` whatever the Keras versions on either side), ``OUT/history.csv`` (columns of
+:func:`load_weights_npz` whatever the Keras versions on either side; the moving average when ``--ema`` is on,
+and then the last step's own weights as ``OUT/weights_student.npz``), ``OUT/history.csv`` (columns of
 :func:`pipelines.train.write_training_curve`) and ``OUT/run.json`` (configuration, timings, device). The
 validation split is the one of :func:`pipelines.train.is_validation`; ``fit`` only logs scores on it and keeps
 the last step's weights.
@@ -582,10 +591,12 @@ def load_weights_npz(model, path: str | Path) -> None:
         v.assign(arr)
 
 
-def export_run(run_dir: str | Path, export_dir: str | Path, description: str = "", tta: str | None = "flip"):
+def export_run(run_dir: str | Path, export_dir: str | Path, description: str = "", tta: str | None = "flip",
+               student: bool = False):
     """Turn a ``fit`` output folder into a registry model folder (``model.keras`` + ``spec.json``).
 
-    Builds the run's architecture (``run.json``) on the local Keras backend, loads ``weights.npz``, writes
+    Builds the run's architecture (``run.json``) on the local Keras backend, loads ``weights.npz`` (with
+    ``student``: ``weights_student.npz``, the last step's own weights of an ``--ema`` run), writes
     the model through :func:`pipelines.evaluate.export_model` with ``input_size`` = the run's size, sets the
     spec's ``tta`` and plots ``history.csv`` to ``training_curve.png``. Returns the
     :class:`~pipelines.spec.ModelSpec`.
@@ -601,7 +612,7 @@ def export_run(run_dir: str | Path, export_dir: str | Path, description: str = "
     c = json.loads((run_dir / "run.json").read_text())["config"]
     model = build_unet(UNetConfig(input_size=c["size"], num_classes=c["num_classes"], base_filters=c["base_filters"],
                                   depth=c["depth"], norm=c["norm"], dropout=c["dropout"]))
-    load_weights_npz(model, run_dir / "weights.npz")
+    load_weights_npz(model, run_dir / ("weights_student.npz" if student else "weights.npz"))
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "model.keras"
         model.save(ckpt)
@@ -639,9 +650,11 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--run", required=True)
     ex.add_argument("--out", required=True)
     ex.add_argument("--description", default="")
+    ex.add_argument("--student", action="store_true",
+                    help="export the last step's own weights of an --ema run instead of the moving average")
     a = p.parse_args(argv)
     if a.cmd == "export":
-        print(export_run(a.run, a.out, a.description).name)
+        print(export_run(a.run, a.out, a.description, student=a.student).name)
         return 0
     if a.cmd == "pack":
         print(json.dumps(pack_folders(a.data, a.out, a.extra_train, a.val_fraction, a.unlabeled)))

@@ -14,7 +14,7 @@ from click.testing import CliRunner  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from core.cli_train import eval_command  # noqa: E402
-from pipelines.evaluate import evaluate_folder, export_model, flip_tta  # noqa: E402
+from pipelines.evaluate import evaluate_folder, export_model, flip_tta, resize_square  # noqa: E402
 from pipelines.metrics import confusion_matrix, scores  # noqa: E402
 from pipelines.registry import clear_cache, get_spec  # noqa: E402
 from pipelines.train import is_validation  # noqa: E402
@@ -83,6 +83,29 @@ def test_eval_json_matches_metrics_module(pets5, tiny_model):
     for name, ref_c in zip(report["per_class"], ref["per_class"], strict=True):
         for key in ("dice", "iou"):
             assert report["per_class"][name][key] == pytest.approx(ref_c[key], abs=1e-3)
+
+
+def test_square_protocol_resizes_photo_and_trimap_before_scoring(pets5, tiny_model):
+    """--square 48: every photo and trimap at 48x48 (trimap nearest), the model run as served on that photo
+    (here resized to its 32 px input and back), scored on 48 * 48 pixels per photo."""
+    root, names = pets5
+    folder, model = tiny_model
+    report = _run_eval("--model", str(folder), "--data", str(root), "--square", "48")
+    assert report["square"] == 48 and report["images"] == 5 and report["pixels"] == 5 * 48 * 48
+    cm = np.zeros((3, 3), np.int64)
+    for n in names:
+        rgb = Image.open(root / "images" / f"{n}.jpg").convert("RGB").resize((48, 48), Image.BILINEAR)
+        truth = np.asarray(Image.open(root / "trimaps" / f"{n}.png").resize((48, 48), Image.NEAREST)) - 1
+        x = tf.image.resize(np.asarray(rgb, np.float32)[None] / 255.0, (32, 32), method="bilinear")
+        p = tf.image.resize(model(x, training=False), (48, 48), method="bilinear")
+        cm += confusion_matrix(truth.astype(np.int64), np.argmax(p.numpy()[0], -1), 3)
+    assert np.abs(np.array(report["confusion"]) - cm).sum() <= report["pixels"] * 1e-3
+    # Unknown labels stay unknown through the resize; labels are never blended into a new class.
+    photo, lab = resize_square(np.zeros((10, 20, 3), np.uint8), np.asarray([[-1] * 10 + [2] * 10] * 10, np.int16),
+                               7)
+    assert photo.shape == (7, 7, 3) and set(np.unique(lab)) == {-1, 2}
+    res = CliRunner().invoke(eval_command, ["--model", str(folder), "--data", str(root), "--square", "4"])
+    assert res.exit_code != 0 and "--square" in res.output
 
 
 def test_split_val_selects_held_out_names(pets5, tiny_model):

@@ -206,6 +206,14 @@ def test_fit_on_jax_then_export_and_serve_on_tensorflow(pack, tmp_path, options)
         assert averaged.files == student.files
         kernels = [k for k in averaged.files if k.endswith("kernel")]
         assert not all(np.allclose(averaged[k], student[k]) for k in kernels)
+        export_run(out, tmp_path / "student", student=True)
+        import keras
+
+        served = keras.saving.load_model(tmp_path / "student" / "model.keras", compile=False)
+        rebuilt = build_unet(input_size=32, base_filters=4, depth=2, dropout=0.1)
+        load_weights_npz(rebuilt, out / "weights_student.npz")
+        x = np.random.default_rng(2).random((1, 32, 32, 3)).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(served(x)), np.asarray(rebuilt(x)), atol=1e-6)
     with open(out / "history.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert int(rows[-1]["step"]) == 20 and 0 < float(rows[-1]["loss"]) < 100
