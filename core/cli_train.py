@@ -162,6 +162,8 @@ def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction:
         raise click.ClickException(str(e)) from e
     layout = _layout(Path(data))
     if layout != "pets":
+        if square:
+            raise click.BadParameter("applies to oxford_pets folders only", param_hint="--square")
         _eval_domain(spec, Path(data), layout, split, as_json)
         return
     if split == "test":
