@@ -85,7 +85,8 @@ def pack_folders(
     Files are stored as their encoded bytes (JPEG/PNG), so a pack of the pets folders is about 15 MB. Arrays:
     ``blob`` uint8, ``img_off``/``lab_off`` int64 offsets ``(N + 1,)`` into it, ``split`` uint8 ``(N,)``
     (0 train, 1 extra train, 2 validation, 3 unlabelled: no label bytes) and ``names`` (unicode). Returns
-    counts per split.
+    counts per split and ``skipped``: ``{name: reason}`` for photos or labels that do not decode (truncated,
+    not an image), which are left out here rather than failing the run on the training host.
     """
     from pipelines.train import list_names, load_pairs, split_names
 
@@ -104,6 +105,8 @@ def pack_folders(
         pairs, _ = load_pairs(folder, require_mask=False)
         # Validation photos stay unseen, even without their labels.
         entries += [(n, i, None, UNLABELED) for n, i, _ in pairs if n not in val_set]
+    skipped = {n: err for n, i, m, _ in entries if (err := _undecodable(i, m))}
+    entries = [e for e in entries if e[0] not in skipped]
     blob, img_off, lab_off = bytearray(), [0], [0]
     for _, img, lab, _ in entries:
         blob += img.read_bytes()
@@ -123,7 +126,22 @@ def pack_folders(
     )
     codes = [e[3] for e in entries]
     return {"train": codes.count(TRAIN), "extra": codes.count(EXTRA), "val": codes.count(VAL),
-            "unlabeled": codes.count(UNLABELED)}
+            "unlabeled": codes.count(UNLABELED), "skipped": skipped}
+
+
+def _undecodable(image: Path, label: Path | None) -> str | None:
+    """Why ``image`` (or ``label``) would not decode in :func:`load_pack`, or None when both do."""
+    from PIL import Image
+
+    for path in (image, label):
+        if path is None:
+            continue
+        try:
+            with Image.open(path) as im:
+                im.load()  # decodes every byte: a truncated file fails here, not on the GPU host
+        except (OSError, SyntaxError, ValueError) as e:
+            return f"{path.name}: {e}"
+    return None
 
 
 @dataclass

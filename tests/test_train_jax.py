@@ -128,10 +128,15 @@ def pack(tmp_path_factory) -> tuple[Path, list[str]]:
         (unlabeled / sub).mkdir()
     (unlabeled / "images" / "free_a.jpg").symlink_to(PETS / "images" / f"{names[1]}.jpg")
     (unlabeled / "images" / f"{names[-1]}.jpg").symlink_to(PETS / "images" / f"{names[-1]}.jpg")
-    (unlabeled / "annotations" / "list.txt").write_text(f"free_a 1 1 1\n{names[-1]} 1 1 1\n")
+    # A truncated JPEG is reported and left out; the other photos are packed.
+    good = (PETS / "images" / f"{names[0]}.jpg").read_bytes()
+    (unlabeled / "images" / "broken_b.jpg").write_bytes(good[: len(good) // 3])
+    (unlabeled / "annotations" / "list.txt").write_text(f"free_a 1 1 1\n{names[-1]} 1 1 1\nbroken_b 1 1 1\n")
     out = tmp_path_factory.mktemp("pack") / "pets.npz"
     counts = pack_folders(root, out, [extra], unlabeled=[unlabeled])
+    skipped = counts.pop("skipped")
     assert counts == {"train": 3, "extra": 1, "val": 2, "unlabeled": 1}
+    assert list(skipped) == ["broken_b"] and "broken_b.jpg" in skipped["broken_b"]
     return out, names
 
 
