@@ -212,17 +212,22 @@ def export_model(
     mode: str = "resize",
     description: str = "",
     default_for: list[str] | None = None,
+    weights_dtype: str = "float32",
 ) -> ModelSpec:
     """Write a registry model folder: ``model.keras`` (weights only, no optimizer) and ``spec.json``.
 
     The saved model loads with ``keras.saving.load_model(path, compile=False)`` and no custom objects.
+    ``weights_dtype`` ``float16`` stores the weights in half the bytes; the registry runs them in float32
+    (:mod:`pipelines.weights`).
     """
     import keras
+
+    from pipelines.weights import cast_model
 
     out = Path(export_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = keras.saving.load_model(checkpoint, compile=False)
-    model.save(out / "model.keras")
+    cast_model(model, weights_dtype).save(out / "model.keras")
     names = class_names or [c.name for c in PET_CLASSES]
     if names == [c.name for c in PET_CLASSES]:
         classes = PET_CLASSES

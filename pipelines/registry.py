@@ -82,7 +82,8 @@ class LoadedModel:
 
     Semantic models: ``predict(x)`` takes ``(N, S, S, C) float32`` and returns ``(N, S, S, K) float32``
     class probabilities, with the spec's test-time augmentation applied; ``single`` is one plain forward
-    pass (None: ``predict`` is one). Instance models: ``raw`` is the detection callable (see
+    pass (None: ``predict`` is one), through every ensemble member (``spec.members``) averaged; ``raw`` is
+    the first Keras model (the spec's ``source``). Instance models: ``raw`` is the detection callable (see
     pipelines.instances) and ``foreground``, for specs with ``refine``, maps an ``(H, W, 3) uint8`` image to
     the refining model's ``(H, W) float32`` foreground probability.
     """
@@ -144,25 +145,36 @@ def _any_input_size(model: Any, spec: ModelSpec) -> Any:
     return clone
 
 
+def _load_keras(path: str, spec: ModelSpec) -> Any:
+    """A Keras model file ready to run: float32 weights (a file may store float16, pipelines.weights), and
+    any input size when the spec's multi-scale TTA needs it."""
+    import keras
+
+    from pipelines.weights import cast_model
+
+    model = cast_model(keras.saving.load_model(path, compile=False), "float32")
+    return _any_input_size(model, spec) if spec.tta_sizes else model
+
+
 def _load_semantic(spec: ModelSpec) -> LoadedModel:
     import tensorflow as tf
 
-    src = spec.resolve_source()
     if spec.source_format == "keras":
-        import keras
-
-        model = keras.saving.load_model(src, compile=False)
-        if spec.tta_sizes:
-            model = _any_input_size(model, spec)
+        models = [_load_keras(path, spec) for path in spec.resolve_sources()]
+        model = models[0]
+        if any(tuple(m.output_shape[-1:]) != tuple(model.output_shape[-1:]) for m in models):
+            raise ValueError(f"model {spec.name}: its members do not all give {model.output_shape[-1]} classes")
 
         @tf.function(reduce_retracing=True)
         def _fn(x: tf.Tensor) -> tf.Tensor:
-            return model(x, training=False)
+            if len(models) == 1:
+                return model(x, training=False)
+            return tf.add_n([m(x, training=False) for m in models]) / len(models)
 
     elif spec.source_format in ("savedmodel", "hub"):
         from pipelines.hub import load_hub
 
-        obj = load_hub(src)
+        obj = load_hub(spec.resolve_source())
         sig = obj.signatures["serving_default"] if hasattr(obj, "signatures") and obj.signatures else None
 
         def _fn(x: tf.Tensor) -> tf.Tensor:

@@ -83,6 +83,10 @@ class ModelSpec(BaseModel):
     source: str
     #: Format of ``source``: a Keras 3 ``.keras`` file, a SavedModel directory, or a TF Hub handle/URL.
     source_format: Literal["keras", "savedmodel", "hub"] = "keras"
+    #: Semantic Keras models: more ``.keras`` files (paths as for ``source``) with the same classes, input and
+    #: normalization, whose probabilities are averaged with those of ``source`` in every view: an ensemble,
+    #: e.g. of training runs with different seeds. Each member costs one more model run per view.
+    members: list[str] = []
     description: str = ""
     classes: list[ClassSpec]
     #: Index of the "nothing here" class (used for nodata pixels and for area fractions).
@@ -142,6 +146,8 @@ class ModelSpec(BaseModel):
             raise ValueError("tta_zoom_out applies to instance models with tta 'flip'")
         if any(not 0.0 < f <= 1.0 for f in self.tta_zoom_out):
             raise ValueError("tta_zoom_out fractions must be in (0, 1]")
+        if self.members and (self.kind != "semantic" or self.source_format != "keras"):
+            raise ValueError("members applies to semantic models in the keras format only")
         if self.tta_sizes and self.kind != "semantic":
             raise ValueError("tta_sizes applies to semantic models only")
         if any(not 8 <= t <= 4096 for t in self.tta_sizes) or len(set(self.tta_sizes)) != len(self.tta_sizes):
@@ -170,14 +176,20 @@ class ModelSpec(BaseModel):
             out[c.id] = c.color
         return out
 
-    def resolve_source(self) -> str:
-        """Absolute location of the weights (relative sources are next to the spec file)."""
-        if self.source_format == "hub" and "://" in self.source:
-            return self.source
-        p = Path(self.source).expanduser()
+    def resolve_source(self, source: str | None = None) -> str:
+        """Absolute location of the weights: ``source`` (default: the spec's own) with a relative path
+        taken as next to the spec file."""
+        source = self.source if source is None else source
+        if self.source_format == "hub" and "://" in source:
+            return source
+        p = Path(source).expanduser()
         if not p.is_absolute() and self.spec_path is not None:
             p = self.spec_path.parent / p
         return str(p)
+
+    def resolve_sources(self) -> list[str]:
+        """Absolute locations of ``source`` and then of every ensemble member."""
+        return [self.resolve_source(s) for s in [self.source, *self.members]]
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelSpec:

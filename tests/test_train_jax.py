@@ -34,6 +34,7 @@ from pipelines.train_jax import (  # noqa: E402
     load_pack,
     load_weights_npz,
     lr_at,
+    main,
     pack_folders,
 )
 from pipelines.unet import build_unet  # noqa: E402
@@ -132,7 +133,7 @@ def pack(tmp_path_factory) -> tuple[Path, list[str]]:
     good = (PETS / "images" / f"{names[0]}.jpg").read_bytes()
     (unlabeled / "images" / "broken_b.jpg").write_bytes(good[: len(good) // 3])
     (unlabeled / "annotations" / "list.txt").write_text(f"free_a 1 1 1\n{names[-1]} 1 1 1\nbroken_b 1 1 1\n")
-    out = tmp_path_factory.mktemp("pack") / "pets.npz"
+    out = tmp_path_factory.mktemp("pack") / "new" / "pets.npz"  # pack makes missing folders
     counts = pack_folders(root, out, [extra], unlabeled=[unlabeled])
     skipped = counts.pop("skipped")
     assert counts == {"train": 3, "extra": 1, "val": 2, "unlabeled": 1}
@@ -247,3 +248,59 @@ def test_load_weights_npz_refuses_another_architecture(tmp_path):
         load_weights_npz(build_unet(input_size=32, base_filters=8, depth=2), tmp_path / "w.npz")
     with pytest.raises(ValueError, match="no weights"):
         load_weights_npz(build_unet(input_size=32, base_filters=4, depth=3), tmp_path / "w.npz")
+
+
+def test_fit_warm_starts_from_a_served_model_and_saves_float16(pack, tmp_path):
+    """``weights`` turns a served model file into a ``.npz``; ``fit --init`` starts from it; ``--save-dtype
+    float16`` halves the weight files and ``export --dtype float16`` the model file, which serves in float32."""
+    import keras
+
+    path, _ = pack
+    start = build_unet(input_size=32, base_filters=4, depth=2, dropout=0.1)
+    x = np.random.default_rng(4).random((2, 32, 32, 3)).astype(np.float32)
+    start(x, training=True)  # move the BatchNorm statistics off their defaults
+    start.save(tmp_path / "start.keras")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+
+
+    init = tmp_path / "gpu" / "init.npz"
+    # The TensorFlow side runs in this process, through the same command line.
+    assert main(["weights", "--model", str(tmp_path / "start.keras"), "--out", str(init), "--dtype", "float16"]) == 0
+    z = np.load(init)
+    assert {z[k].dtype for k in z.files} == {np.dtype("float16")}
+    assert sorted(z.files) == sorted(v.path for v in start.weights)
+
+    out = tmp_path / "run"
+    # A learning rate of ~0 keeps every kernel where --init put it, so the run shows where it started.
+    res = subprocess.run(
+        [sys.executable, "-m", "pipelines.train_jax", "fit", "--pack", str(path), "--out", str(out), "--size", "32",
+         "--base-filters", "4", "--depth", "2", "--batch-size", "2", "--budget-s", "1", "--evals", "1", "--ema", "0.9",
+         "--consistency", "1.0", "--learning-rate", "1e-12", "--init", str(init), "--save-dtype", "float16"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("weights.npz", "weights_student.npz"):
+        w = np.load(out / name)
+        assert {w[k].dtype for k in w.files} == {np.dtype("float16")}
+        for v in start.weights:
+            if v.path.endswith("kernel"):
+                np.testing.assert_allclose(w[v.path], np.asarray(v.value), rtol=2e-3, atol=2e-4)
+    assert json.loads((out / "run.json").read_text())["config"]["init"] == str(init)
+
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "export"), "--dtype", "float16"]) == 0
+    stored = keras.saving.load_model(tmp_path / "export" / "model.keras", compile=False)
+    assert {str(np.dtype(v.dtype)) for v in stored.weights} == {"float16"}
+    from pipelines import registry
+
+    served = registry.load(str(tmp_path / "export"))
+    assert {str(np.dtype(v.dtype)) for v in served.raw.weights} == {"float32"}
+    rebuilt = build_unet(input_size=32, base_filters=4, depth=2, dropout=0.1)
+    load_weights_npz(rebuilt, out / "weights.npz")
+    np.testing.assert_allclose(served.single(x), np.asarray(rebuilt(x)), atol=2e-3)
+
+
+def test_fit_config_refuses_a_missing_init_and_a_bad_save_dtype(tmp_path):
+    with pytest.raises(ValueError, match="init"):
+        FitConfig(pack="p.npz", out="o", init=str(tmp_path / "missing.npz"))
+    with pytest.raises(ValueError, match="save_dtype"):
+        FitConfig(pack="p.npz", out="o", save_dtype="bfloat16")
