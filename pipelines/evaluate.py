@@ -176,6 +176,8 @@ def evaluate_folder(
         "split": split,
         "tta": spec.tta == "flip" if tta is None else tta,
         "tta_sizes": [] if tta is False or mode != "resize" else spec.tta_sizes,
+        # Model files averaged in every view: 1, or 1 + the spec's ensemble members.
+        "model_files": 1 + len(spec.members),
         "square": square,
         "images": len(pairs),
         "skipped": skipped,

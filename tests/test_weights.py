@@ -129,3 +129,28 @@ def test_members_must_be_keras_semantic_models_with_the_same_classes(tmp_path):
     with pytest.raises(ValidationError, match="members applies"):
         ModelSpec(name="hubseg", kind="semantic", source="saved", source_format="savedmodel", members=["x"],
                   classes=CLASSES)
+
+
+def test_eval_scores_the_ensemble(tmp_path):
+    """``tileseg eval`` on a spec with members scores the averaged model, checked against an independent
+    computation of the same average."""
+    from tests.test_evaluate import _reference_scores, _run_eval
+    from tests.test_train import make_pets_folder, pick_names
+
+    names = pick_names(2, 2)
+    root = make_pets_folder(tmp_path / "pets", names)
+    a, _ = _trained_like(7)
+    b, _ = _trained_like(8)
+    a.save(tmp_path / "a.keras")
+    b.save(tmp_path / "b.keras")
+    clear_cache()
+    pair = _run_eval("--model", str(_spec(tmp_path, "pair", "a.keras", ["b.keras"])), "--data", str(root))
+    alone = _run_eval("--model", str(_spec(tmp_path, "alone", "a.keras", [])), "--data", str(root))
+    assert pair["model_files"] == 2 and alone["model_files"] == 1
+
+    def average(x, training=False):
+        return (a(x, training=training) + b(x, training=training)) / 2
+
+    assert pair["confusion"] == _reference_scores(average, root, names)["cm"].tolist()
+    assert alone["confusion"] == _reference_scores(a, root, names)["cm"].tolist()
+    assert pair["confusion"] != alone["confusion"]
