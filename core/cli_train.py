@@ -34,7 +34,12 @@ train = click.Group("train", help="Train models.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--lr", "learning_rate", default=2e-3, show_default=True,
               type=click.FloatRange(0, min_open=True))
+@click.option("--warmup-epochs", default=3, show_default=True, type=click.IntRange(0),
+              help="Epochs of linear learning-rate warm-up before the cosine decay.")
 @click.option("--dice-weight", default=1.0, show_default=True, type=click.FloatRange(0))
+@click.option("--lowres", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Probability that a training crop is resampled through 40-100 % of its edge and back, "
+                   "so the model also learns soft, upscaled or small photos.")
 @click.option("--patience", default=40, show_default=True, type=click.IntRange(1),
               help="Early stopping: epochs without a better val mean IoU.")
 @click.option("--extra-train", multiple=True, type=click.Path(exists=True, file_okay=False),
@@ -142,8 +147,13 @@ def pseudo_label_command(model: str, data: str, out: str, threshold: float, tta:
 @click.option("--square", type=click.IntRange(8, 4096), default=None,
               help="Semantic models on oxford_pets folders: resize each photo and trimap to N x N first (the "
                    "protocol of notebooks that score at e.g. 128x128) [default: each trimap's own size].")
+@click.option("--through", type=click.IntRange(8, 4096), default=None,
+              help="Semantic models on oxford_pets folders: resize each photo to N x N and back to its own size "
+                   "before predicting, scored against the untouched trimap: how much a photo that lost detail "
+                   "(small, upscaled, soft) costs.")
 def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction: float, mode: str | None,
-                 tta: bool | None, label_offset: int, refine: bool | None, square: int | None) -> None:
+                 tta: bool | None, label_offset: int, refine: bool | None, square: int | None,
+                 through: int | None) -> None:
     """Score a model on a labeled folder.
 
     Layouts: oxford_pets (images/, trimaps/, annotations/); spacenet1_rio_buildings (images/*.tif,
@@ -162,21 +172,23 @@ def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction:
         raise click.ClickException(str(e)) from e
     layout = _layout(Path(data))
     if layout != "pets":
-        if square:
-            raise click.BadParameter("applies to oxford_pets folders only", param_hint="--square")
+        if square or through:
+            raise click.BadParameter("applies to oxford_pets folders only",
+                                     param_hint="--square" if square else "--through")
         _eval_domain(spec, Path(data), layout, split, as_json)
         return
     if split == "test":
         raise click.BadParameter("oxford_pets folders have no test split here: use val or all",
                                  param_hint="--split")
     if spec.kind == "instance":
-        if square:
-            raise click.BadParameter("scores instance models at the photos' own size only", param_hint="--square")
+        if square or through:
+            raise click.BadParameter("scores instance models at the photos' own size only",
+                                     param_hint="--square" if square else "--through")
         _eval_instances(spec, data, as_json, split, val_fraction, tta, refine)
         return
     try:
         report = evaluate_folder(model, data, split=split, val_fraction=val_fraction, mode=mode, tta=tta,
-                                 label_offset=label_offset, square=square)
+                                 label_offset=label_offset, square=square, through=through)
     except (AdapterError, ModelNotFound, ValueError) as e:
         raise click.ClickException(str(e)) from e
     if report["skipped"]:
@@ -185,6 +197,7 @@ def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction:
         click.echo(json.dumps(report, indent=2))
         return
     at = f"  at {square}x{square}" if square else ""
+    at += f"  photos through {through}x{through}" if through else ""
     click.echo(f"model {report['model']}  mode {report['mode']}  split {report['split']}  "
                f"images {report['images']}  pixels {report['pixels']}{at}")
     click.echo(f"pixel accuracy {report['pixel_accuracy']:.4f}   mean IoU {report['mean_iou']:.4f}")

@@ -28,6 +28,7 @@ __all__ = [
     "PET_CLASSES",
     "evaluate_folder",
     "export_model",
+    "through_size",
     "flip_tta",
     "make_predictor",
     "read_truth",
@@ -133,12 +134,14 @@ def evaluate_folder(
     tta: bool | None = None,
     label_offset: int = 1,
     square: int | None = None,
+    through: int | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on every listed name of ``data`` (``split="val"``: only the held-out names).
 
     Scores are computed at each trimap's own resolution, unless ``square`` is given: then each photo
     (bilinear) and its trimap (nearest) are first resized to ``square x square`` pixels, the protocol of
     notebooks that train and score at a fixed size (e.g. 128x128), and the model serves that photo as usual.
+    ``through`` degrades the photo only (:func:`through_size`), scored against the untouched trimap.
 
     Returns a JSON-ready dict: ``model``, ``mode``, ``split``, ``tta``, ``square``, ``images``, ``skipped``
     (listed names whose files are missing), ``pixels``, ``pixel_accuracy``, ``mean_iou``, ``mean_dice``,
@@ -166,6 +169,8 @@ def evaluate_folder(
             raise AdapterError(f"{img_path}: image {rgb.shape[:2]} and trimap {truth.shape} sizes differ")
         if square:
             rgb, truth = resize_square(rgb, truth, square)
+        if through:
+            rgb = through_size(rgb, through)
         pred = predictor(rgb).argmax(-1)
         cm += confusion_matrix(truth, pred, k)
     sc = scores(cm)
@@ -179,6 +184,7 @@ def evaluate_folder(
         # Model files averaged in every view: 1, or 1 + the spec's ensemble members.
         "model_files": 1 + len(spec.members),
         "square": square,
+        "through": through,
         "images": len(pairs),
         "skipped": skipped,
         "pixels": int(cm.sum()),
@@ -192,6 +198,17 @@ def evaluate_folder(
         },
         "confusion": cm.tolist(),
     }
+
+
+def through_size(rgb: np.ndarray, size: int) -> np.ndarray:
+    """``(H, W, 3) uint8`` photo resized (PIL bilinear, antialiased) to ``size x size`` and back to
+    ``(H, W, 3) uint8``: the same pixels with the detail of a ``size``-px photo, as a small photo that was
+    upscaled has."""
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    h, w = rgb.shape[:2]
+    small = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
+    return np.asarray(small.resize((w, h), Image.BILINEAR))
 
 
 def resize_square(rgb: np.ndarray, truth: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -38,6 +38,7 @@ __all__ = [
     "is_validation",
     "list_names",
     "load_pairs",
+    "lowres_resample",
     "make_dataset",
     "masked_pixel_accuracy",
     "pseudo_label",
@@ -125,8 +126,25 @@ def _decode(image_path, mask_path, label_offset: int):
     return img, tf.cast(m, tf.uint8)
 
 
-def _augment(img, mask, size: int, seed_pair):
-    """Random scale/crop, horizontal flip and colour jitter.
+#: Edge fractions a ``lowres`` crop is resampled through: 0.4 takes a 192 px crop down to 77 px.
+LOWRES_RANGE = (0.4, 1.0)
+
+
+def lowres_resample(img, fraction):
+    """``(S, S, C) float32`` -> the same size, through an antialiased bilinear resize to
+    ``round(S * fraction)`` px and bilinear back: the detail a photo that was ``fraction`` as large (or
+    upscaled from that) lacks. ``fraction`` is a scalar in (0, 1]."""
+    import tensorflow as tf
+
+    size = tf.shape(img)[:2]
+    small = tf.maximum(1, tf.cast(tf.round(tf.cast(size, tf.float32) * fraction), tf.int32))
+    down = tf.image.resize(img, small, method="bilinear", antialias=True)
+    return tf.image.resize(down, size, method="bilinear", antialias=False)
+
+
+def _augment(img, mask, size: int, seed_pair, lowres: float = 0.0):
+    """Random scale/crop, horizontal flip, colour jitter and, with probability ``lowres``, a resample through
+    a lower resolution (:func:`lowres_resample`, the label untouched).
 
     Returns image ``(size, size, 3) float32`` and label ``(size, size, 1) uint8``.
     """
@@ -154,6 +172,12 @@ def _augment(img, mask, size: int, seed_pair):
     img = tf.image.stateless_random_contrast(img, 0.7, 1.3, seeds[6])
     img = tf.image.stateless_random_saturation(img, 0.6, 1.4, seeds[7])
     img = tf.image.stateless_random_hue(img, 0.04, seeds[0] + 1)
+    if lowres > 0:
+        # A stream of its own, so the draws above stay those of runs without it.
+        lr_seeds = tf.random.experimental.stateless_split(tf.reverse(seed_pair, [0]), num=2)
+        fraction = tf.random.stateless_uniform([], lr_seeds[0], *LOWRES_RANGE)
+        img = tf.cond(tf.random.stateless_uniform([], lr_seeds[1]) < lowres,
+                      lambda: lowres_resample(img, fraction), lambda: img)
     return tf.clip_by_value(img, 0.0, 1.0), mask
 
 
@@ -173,6 +197,7 @@ def make_dataset(
     seed: int = 0,
     label_offset: int = 1,
     shuffle: bool | None = None,
+    lowres: float = 0.0,
 ):
     """A ``tf.data.Dataset`` of ``(image (B,size,size,3) float32 in [0,1], label (B,size,size,1) uint8)``.
 
@@ -193,7 +218,7 @@ def make_dataset(
         # Stateless per-element seeds from a counter: reproducible given `seed`, different every epoch.
         counter = tf.data.Dataset.counter(start=seed * 1_000_003)
         ds = tf.data.Dataset.zip((ds, counter)).map(
-            lambda pair, c: _augment(pair[0], pair[1], size, tf.stack([tf.cast(seed, tf.int64), c])),
+            lambda pair, c: _augment(pair[0], pair[1], size, tf.stack([tf.cast(seed, tf.int64), c]), lowres),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     else:
@@ -234,6 +259,15 @@ class TrainConfig:
     #: Start from these weights (a .keras file of the same architecture) instead of random init.
     init_from: str | None = None
     resume: bool = False
+    #: Probability that a training crop goes through a lower resolution (a random 40-100 % of its edge) and
+    #: back (:func:`lowres_resample`), so the model also segments photos that were small, upscaled or soft.
+    lowres: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lowres <= 1.0:
+            raise ValueError(f"lowres is a probability in [0, 1], not {self.lowres}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, not {self.warmup_epochs}")
 
     @property
     def num_classes(self) -> int:
@@ -339,7 +373,7 @@ def train_unet(cfg: TrainConfig) -> Path:
 
     keras.utils.set_random_seed(cfg.seed)
     train_ds = make_dataset(train_pairs, cfg.size, cfg.batch_size, augment=True, seed=cfg.seed,
-                            label_offset=cfg.label_offset)
+                            label_offset=cfg.label_offset, lowres=cfg.lowres)
     val_ds = make_dataset(val_pairs, cfg.size, cfg.batch_size, augment=False, label_offset=cfg.label_offset)
 
     state: dict = {}

@@ -58,6 +58,8 @@ __all__ = [
     "ema_decay",
     "load_pack",
     "load_weights_npz",
+    "lowres",
+    "lowres_matrix",
     "lr_at",
     "pack_folders",
     "save_weights_npz",
@@ -278,6 +280,10 @@ class FitConfig:
     #: A teacher pixel is a target only where its top probability is at least this; others are ignored.
     consistency_threshold: float = 0.9
     consistency_rampup: float = 0.2
+    #: Probability that a training crop (and a student's consistency crop, after the teacher labelled the sharp
+    #: one) goes through 40-100 % of its edge and back (:func:`lowres`), so the model also segments photos
+    #: that lack detail. 0 turns it off.
+    lowres: float = 0.0
     budget_s: float = 400.0
     seed: int = 0
     evals: int = 40
@@ -293,6 +299,8 @@ class FitConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("float32", "mixed_bfloat16"):
             raise ValueError(f"precision must be float32 or mixed_bfloat16, not {self.precision!r}")
+        if not 0 <= self.lowres <= 1:
+            raise ValueError(f"lowres is a probability in [0, 1], not {self.lowres}")
         if self.save_dtype not in ("float32", "float16"):
             raise ValueError(f"save_dtype must be float32 or float16, not {self.save_dtype!r}")
         if self.init and not Path(self.init).is_file():
@@ -370,6 +378,47 @@ def cutmix(key, x, y, p: float):
     returns ``(x, y)``."""
     inside = cutmix_mask(key, x.shape[0], x.shape[1], p)
     return _paste_next(inside, x), _paste_next(inside, y)
+
+
+def lowres_matrix(size: int, fraction):
+    """``(size, size)`` matrix ``A`` such that ``A @ x`` (per axis) is ``x`` resized to
+    ``m = round(size * fraction)`` samples with an antialiased bilinear (triangle) filter and bilinearly back:
+    what ``tf.image.resize(..., antialias=True)`` down and ``tf.image.resize`` up do, as in
+    :func:`pipelines.train.lowres_resample`. ``fraction`` may be a traced scalar in (0, 1]; the shape is
+    static, so it runs inside a jitted step."""
+    import jax.numpy as jnp
+
+    m = jnp.clip(jnp.round(size * fraction), 1, size)
+    scale = m / size  # the rate the resize really uses, as TensorFlow's
+    j = jnp.arange(size, dtype=jnp.float32)
+    i = jnp.arange(size, dtype=jnp.float32)
+    # Down: output sample j (valid for j < m) averages the input around (j + 0.5) / scale - 0.5 with a
+    # triangle of half-width 1 / scale input pixels, normalised over the input.
+    centre = (j + 0.5) / scale - 0.5
+    down = jnp.maximum(0.0, 1.0 - jnp.abs(i[None, :] - centre[:, None]) * scale)
+    down = down / jnp.maximum(down.sum(1, keepdims=True), 1e-12)
+    down = jnp.where((j < m)[:, None], down, 0.0)
+    # Up: output pixel i takes the two valid small samples around (i + 0.5) * scale - 0.5 (clamped).
+    pos = jnp.clip((i + 0.5) * scale - 0.5, 0.0, m - 1)
+    up = jnp.maximum(0.0, 1.0 - jnp.abs(pos[:, None] - j[None, :]))
+    up = jnp.where((j < m)[None, :], up, 0.0)
+    return up @ down
+
+
+def lowres(key, x, p: float, lo: float = 0.4, hi: float = 1.0):
+    """With probability ``p`` per item, ``x (N, S, S, C)`` resampled through a random ``lo``-``hi`` fraction of
+    its edge and back (:func:`lowres_matrix`): photos that lack detail, as small, upscaled or soft photos do.
+    Labels are not touched. JAX arrays."""
+    import jax
+    import jax.numpy as jnp
+
+    kp, kf = jax.random.split(key)
+    n, size = x.shape[0], x.shape[1]
+    frac = jax.random.uniform(kf, (n,), jnp.float32, lo, hi)
+    a = jax.vmap(lambda f: lowres_matrix(size, f))(frac)
+    soft = jnp.einsum("nia,nabc,njb->nijc", a, x.astype(jnp.float32), a).astype(x.dtype)
+    pick = jax.random.uniform(kp, (n,)) < p
+    return jnp.where(pick[:, None, None, None], soft, x)
 
 
 def consistency_targets(probs, threshold: float):
@@ -467,6 +516,8 @@ def fit(cfg: FitConfig) -> dict:
         x, y = augment(jax.random.split(key, idx.shape[0]), images[idx], labels[idx], hws[idx])
         if cfg.cutmix > 0:
             x, y = cutmix(mix_key, x, y, cfg.cutmix)
+        if cfg.lowres > 0:
+            x = lowres(jax.random.fold_in(mix_key, 1), x, cfg.lowres)
         n_sup = x.shape[0]
         if cfg.consistency > 0:
             xu, _ = augment(jax.random.split(u_key, uidx.shape[0]), images[uidx], labels[uidx], hws[uidx])
@@ -475,7 +526,11 @@ def fit(cfg: FitConfig) -> dict:
             inside = cutmix_mask(umix_key, xu.shape[0], xu.shape[1], 1.0)
             yu = consistency_targets(_paste_next(inside, jax.lax.stop_gradient(teacher)),
                                      cfg.consistency_threshold)
-            x = jnp.concatenate([x, _paste_next(inside, xu)])
+            # The teacher saw the sharp photos; the student may see them soft.
+            xs = _paste_next(inside, xu)
+            if cfg.lowres > 0:
+                xs = lowres(jax.random.fold_in(umix_key, 1), xs, cfg.lowres)
+            x = jnp.concatenate([x, xs])
             y = jnp.concatenate([y, yu])
         (loss, ntv), grads = grad_fn(tv, ntv, x, y, n_sup, w_u)
         ov = list(ov)

@@ -14,7 +14,13 @@ from click.testing import CliRunner  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from core.cli_train import eval_command  # noqa: E402
-from pipelines.evaluate import evaluate_folder, export_model, flip_tta, resize_square  # noqa: E402
+from pipelines.evaluate import (  # noqa: E402
+    evaluate_folder,
+    export_model,
+    flip_tta,
+    resize_square,
+    through_size,
+)
 from pipelines.metrics import confusion_matrix, scores  # noqa: E402
 from pipelines.registry import clear_cache, get_spec  # noqa: E402
 from pipelines.train import is_validation  # noqa: E402
@@ -106,6 +112,26 @@ def test_square_protocol_resizes_photo_and_trimap_before_scoring(pets5, tiny_mod
     assert photo.shape == (7, 7, 3) and set(np.unique(lab)) == {-1, 2}
     res = CliRunner().invoke(eval_command, ["--model", str(folder), "--data", str(root), "--square", "4"])
     assert res.exit_code != 0 and "--square" in res.output
+
+
+def test_through_degrades_the_photo_only_and_scores_on_the_native_trimap(pets5, tiny_model):
+    """--through 24: each photo resized to 24x24 and back before it is served; the trimap is untouched."""
+    root, names = pets5
+    folder, model = tiny_model
+    report = _run_eval("--model", str(folder), "--data", str(root), "--through", "24")
+    native = _run_eval("--model", str(folder), "--data", str(root))
+    assert report["through"] == 24 and report["pixels"] == native["pixels"]
+    cm = np.zeros((3, 3), np.int64)
+    for n in names:
+        photo = Image.open(root / "images" / f"{n}.jpg").convert("RGB")
+        soft = photo.resize((24, 24), Image.BILINEAR).resize(photo.size, Image.BILINEAR)
+        truth = np.asarray(Image.open(root / "trimaps" / f"{n}.png")).astype(np.int64) - 1
+        x = tf.image.resize(np.asarray(soft, np.float32)[None] / 255.0, (32, 32), method="bilinear")
+        p = tf.image.resize(model(x, training=False), truth.shape, method="bilinear")
+        cm += confusion_matrix(truth, np.argmax(p.numpy()[0], -1), 3)
+    assert np.abs(np.array(report["confusion"]) - cm).sum() <= report["pixels"] * 1e-3
+    assert report["confusion"] != native["confusion"]
+    np.testing.assert_array_equal(through_size(np.full((9, 13, 3), 77, np.uint8), 4), np.full((9, 13, 3), 77))
 
 
 def test_split_val_selects_held_out_names(pets5, tiny_model):

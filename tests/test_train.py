@@ -20,6 +20,7 @@ from pipelines.train import (  # noqa: E402
     is_validation,
     list_names,
     load_pairs,
+    lowres_resample,
     make_dataset,
     masked_pixel_accuracy,
     pseudo_label,
@@ -111,6 +112,36 @@ def test_dataset_shapes_labels_and_augmentation(tmp_path):
     # Same seed, same stream.
     again = [x.numpy() for x, _ in make_dataset(pairs, size=64, batch_size=5, augment=True, seed=1)]
     np.testing.assert_array_equal(again[0], epoch1[0][0])
+
+
+def test_lowres_resample_removes_detail_only():
+    rng = np.random.default_rng(0)
+    # Fine detail (pixel noise) over a coarse structure (a bright square).
+    img = rng.random((64, 64, 3)).astype(np.float32) * 0.2
+    img[16:48, 16:48] += 0.7
+    np.testing.assert_allclose(lowres_resample(img, 1.0).numpy(), img, atol=1e-5)
+    half = lowres_resample(img, 0.5).numpy()
+    assert half.shape == img.shape
+    # Neighbouring pixels agree far more after it: the noise is gone ...
+    assert np.abs(np.diff(half, axis=1)).mean() < 0.5 * np.abs(np.diff(img, axis=1)).mean()
+    # ... and the square is still where it was, as bright.
+    assert abs(half[20:44, 20:44].mean() - img[20:44, 20:44].mean()) < 0.02
+    assert half[:12, :12].mean() < 0.2
+
+
+def test_lowres_augmentation_changes_photos_not_labels(tmp_path):
+    names = pick_names(4, 0)
+    pairs, _ = load_pairs(make_pets_folder(tmp_path / "d", names))
+    sharp = [(x.numpy(), y.numpy()) for x, y in make_dataset(pairs, size=64, batch_size=4, augment=True, seed=3)]
+    soft = [(x.numpy(), y.numpy()) for x, y in make_dataset(pairs, size=64, batch_size=4, augment=True, seed=3,
+                                                             lowres=1.0)]
+    # The same crops and labels; every photo lost detail.
+    np.testing.assert_array_equal(sharp[0][1], soft[0][1])
+    for k in range(4):
+        detail = lambda a: np.abs(np.diff(a, axis=1)).mean()  # noqa: E731
+        assert detail(soft[0][0][k]) < detail(sharp[0][0][k])
+    with pytest.raises(ValueError, match="lowres"):
+        TrainConfig(data="d", out="o", lowres=1.5)
 
 
 def test_eval_dataset_is_plain_resize(tmp_path):

@@ -33,6 +33,8 @@ from pipelines.train_jax import (  # noqa: E402
     export_run,
     load_pack,
     load_weights_npz,
+    lowres,
+    lowres_matrix,
     lr_at,
     main,
     pack_folders,
@@ -107,6 +109,27 @@ def test_cutmix_pastes_one_rectangle_of_the_next_item_into_photo_and_label_alike
     kx, ky = cutmix(jax.random.PRNGKey(3), x, y, 0.0)
     np.testing.assert_array_equal(np.asarray(kx), x)
     np.testing.assert_array_equal(np.asarray(ky), y)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.75, 0.5, 0.41])
+def test_lowres_matrix_matches_the_tensorflow_resample(fraction):
+    from pipelines.train import lowres_resample
+
+    img = np.random.default_rng(5).random((40, 40, 3)).astype(np.float32)
+    a = np.asarray(lowres_matrix(40, np.float32(fraction)))
+    ours = np.einsum("ia,abc,jb->ijc", a, img, a)
+    np.testing.assert_allclose(ours, lowres_resample(img, fraction).numpy(), atol=1e-4)
+
+
+def test_lowres_softens_the_chosen_photos_only():
+    x = np.random.default_rng(6).random((8, 32, 32, 3)).astype(np.float32)
+    out = np.asarray(lowres(jax.random.PRNGKey(0), x, 0.5))
+    changed = [not np.allclose(out[k], x[k]) for k in range(8)]
+    assert 0 < sum(changed) < 8
+    for k in range(8):
+        if changed[k]:
+            assert np.abs(np.diff(out[k], axis=1)).mean() < 0.8 * np.abs(np.diff(x[k], axis=1)).mean()
+    np.testing.assert_array_equal(np.asarray(lowres(jax.random.PRNGKey(0), x, 0.0)), x)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +212,7 @@ def test_fit_config_refuses_consistency_without_a_teacher_and_bad_values():
 @pytest.mark.parametrize(
     "options",
     [[], ["--precision", "mixed_bfloat16", "--cutmix", "1.0"], ["--ema", "0.9", "--consistency", "1.0",
-                                                                 "--consistency-threshold", "0.0"]],
+                                                                 "--consistency-threshold", "0.0", "--lowres", "0.5"]],
     ids=["float32", "bfloat16-cutmix", "ema-consistency"])
 def test_fit_on_jax_then_export_and_serve_on_tensorflow(pack, tmp_path, options):
     path, _ = pack
@@ -299,8 +322,10 @@ def test_fit_warm_starts_from_a_served_model_and_saves_float16(pack, tmp_path):
     np.testing.assert_allclose(served.single(x), np.asarray(rebuilt(x)), atol=2e-3)
 
 
-def test_fit_config_refuses_a_missing_init_and_a_bad_save_dtype(tmp_path):
+def test_fit_config_refuses_a_missing_init_and_bad_values(tmp_path):
     with pytest.raises(ValueError, match="init"):
         FitConfig(pack="p.npz", out="o", init=str(tmp_path / "missing.npz"))
     with pytest.raises(ValueError, match="save_dtype"):
         FitConfig(pack="p.npz", out="o", save_dtype="bfloat16")
+    with pytest.raises(ValueError, match="lowres"):
+        FitConfig(pack="p.npz", out="o", lowres=2.0)
