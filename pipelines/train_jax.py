@@ -666,17 +666,9 @@ def fit(cfg: FitConfig) -> dict:
 def save_weights_npz(model, path: str | Path, dtype: str = "float32") -> None:
     """Write every variable of the Keras ``model`` to ``path`` (``.npz``, no pickle) by its Keras path, in
     ``dtype`` (``float32`` or ``float16``). Raises ``ValueError`` when a weight does not fit in float16."""
-    from pipelines.weights import FLOAT16_MAX
+    from pipelines.weights import stored_as
 
-    arrays = {}
-    for v in model.weights:
-        arr = np.asarray(v.value)
-        if np.issubdtype(arr.dtype, np.floating):
-            if dtype == "float16" and not np.all(np.abs(arr) <= FLOAT16_MAX):
-                raise ValueError(f"{v.path}: a weight does not fit in float16")
-            arr = arr.astype(dtype)
-        arrays[v.path] = arr
-    np.savez(path, **arrays)
+    np.savez(path, **{v.path: stored_as(v.path, np.asarray(v.value), dtype) for v in model.weights})
 
 
 def load_weights_npz(model, path: str | Path) -> None:

@@ -25,6 +25,19 @@ def weight_dtypes(model: Any) -> set[str]:
     return {str(np.dtype(v.dtype)) for v in model.weights}
 
 
+def stored_as(name: str, array: np.ndarray, dtype: str) -> np.ndarray:
+    """``array`` (the weight ``name``) in ``dtype``; floating arrays only, others unchanged. Raises
+    ``ValueError`` when a float16 copy would overflow."""
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.floating):
+        return array
+    if dtype == "float16":
+        peak = float(np.abs(array).max()) if array.size else 0.0
+        if not np.isfinite(peak) or peak > FLOAT16_MAX:
+            raise ValueError(f"{name}: a weight of magnitude {peak:g} does not fit in float16")
+    return array.astype(dtype)
+
+
 def cast_model(model: Any, dtype: str) -> Any:
     """A copy of the Keras ``model`` whose layers with weights keep them (and compute) in ``dtype``.
 
@@ -38,12 +51,7 @@ def cast_model(model: Any, dtype: str) -> Any:
         raise ValueError(f"weights are stored as float16 or float32, not {dtype!r}")
     if weight_dtypes(model) == {dtype}:
         return model
-    weights = model.get_weights()
-    if dtype == "float16":
-        for v, w in zip(model.weights, weights, strict=True):
-            peak = float(np.abs(w).max()) if w.size else 0.0
-            if not np.isfinite(peak) or peak > FLOAT16_MAX:
-                raise ValueError(f"{v.path}: a weight of magnitude {peak:g} does not fit in float16")
+    weights = [stored_as(v.path, w, dtype) for v, w in zip(model.weights, model.get_weights(), strict=True)]
 
     def clone(layer: Any) -> Any:
         config = layer.get_config()
@@ -52,7 +60,7 @@ def cast_model(model: Any, dtype: str) -> Any:
         return layer.__class__.from_config(config)
 
     out = keras.models.clone_model(model, clone_function=clone)
-    out.set_weights([w.astype(np.dtype(v.dtype)) for w, v in zip(weights, out.weights, strict=True)])
+    out.set_weights(weights)
     return out
 
 
