@@ -151,16 +151,23 @@ def pseudo_label_command(model: str, data: str, out: str, threshold: float, tta:
               help="Semantic models on oxford_pets folders: resize each photo to N x N and back to its own size "
                    "before predicting, scored against the untouched trimap: how much a photo that lost detail "
                    "(small, upscaled, soft) costs.")
+@click.option("--tta-sizes", "tta_sizes", default=None, metavar="EDGES",
+              help="Semantic models in resize mode: the multi-scale sizes to use instead of the spec's, e.g. "
+                   "'144,240,288' ('none': the input size only) [default: the spec's tta_sizes].")
+@click.option("--baseline", "baseline", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Semantic models on oxford_pets folders: a JSON report of an earlier eval of the same images "
+                   "(--json > FILE); adds the paired 95 % bootstrap interval of this model's difference to it.")
 def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction: float, mode: str | None,
                  tta: bool | None, label_offset: int, refine: bool | None, square: int | None,
-                 through: int | None) -> None:
+                 through: int | None, tta_sizes: str | None, baseline: str | None) -> None:
     """Score a model on a labeled folder.
 
     Layouts: oxford_pets (images/, trimaps/, annotations/); spacenet1_rio_buildings (images/*.tif,
     masks/*.tif 0/255); medical_ct_totalsegmentator (dicom_ct/*.dcm, png/labels/*.png). Semantic models:
     pixel accuracy, mean IoU, per-class Dice and IoU. Instance models: COCO mask AP, AP50, AP75 and box AP
     (pycocotools). --split test/val on the two domain layouts: the tiles/slices the shipped domain models
-    hold out (test) or validated on (val); all: every image in the folder.
+    hold out (test) or validated on (val); all: every image in the folder. Semantic models on oxford_pets
+    folders also report a 95 % bootstrap interval over images and each image's scores (--json), worst first.
     """
     from adapters.base import AdapterError
     from pipelines.evaluate import evaluate_folder, resolve_model
@@ -170,7 +177,17 @@ def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction:
         spec = resolve_model(model)
     except (ModelNotFound, ValueError) as e:
         raise click.ClickException(str(e)) from e
+    sizes = _parse_sizes(tta_sizes)
     layout = _layout(Path(data))
+    for value, hint in ((sizes, "--tta-sizes"), (baseline, "--baseline")):
+        if value is not None and (layout != "pets" or spec.kind != "semantic"):
+            raise click.BadParameter("applies to semantic models on oxford_pets folders only", param_hint=hint)
+    base_report = None
+    if baseline is not None:
+        try:
+            base_report = json.loads(Path(baseline).read_text())
+        except (OSError, ValueError) as e:
+            raise click.BadParameter(f"{baseline}: not a JSON report ({e})", param_hint="--baseline") from e
     if layout != "pets":
         if square or through:
             raise click.BadParameter("applies to oxford_pets folders only",
@@ -188,11 +205,18 @@ def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction:
         return
     try:
         report = evaluate_folder(model, data, split=split, val_fraction=val_fraction, mode=mode, tta=tta,
-                                 label_offset=label_offset, square=square, through=through)
+                                 label_offset=label_offset, square=square, through=through, tta_sizes=sizes)
     except (AdapterError, ModelNotFound, ValueError) as e:
         raise click.ClickException(str(e)) from e
     if report["skipped"]:
         click.echo(f"warning: skipped {report['skipped']} listed names with missing files", err=True)
+    if base_report is not None:
+        from pipelines.evaluate import compare_reports
+
+        try:
+            report["versus_baseline"] = {"baseline": str(baseline), **compare_reports(base_report, report)}
+        except ValueError as e:
+            raise click.ClickException(f"--baseline {baseline}: {e}") from e
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -201,9 +225,42 @@ def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction:
     click.echo(f"model {report['model']}  mode {report['mode']}  split {report['split']}  "
                f"images {report['images']}  pixels {report['pixels']}{at}")
     click.echo(f"pixel accuracy {report['pixel_accuracy']:.4f}   mean IoU {report['mean_iou']:.4f}")
+    ci = report["intervals"]
+    if ci["pixel_accuracy"][0] is not None:
+        click.echo(f"{ci['level']:.0%} bootstrap interval over {ci['items']} images: pixel accuracy "
+                   f"{ci['pixel_accuracy'][0]:.4f}-{ci['pixel_accuracy'][1]:.4f}   mean IoU "
+                   f"{ci['mean_iou'][0]:.4f}-{ci['mean_iou'][1]:.4f}")
     click.echo(f"{'class':<14}{'dice':>8}{'iou':>8}")
     for cname, s in report["per_class"].items():
         click.echo(f"{cname:<14}{s['dice']:>8.4f}{s['iou']:>8.4f}")
+    worst = [r for r in report["per_image"] if r["pixel_accuracy"] is not None][:5]
+    if worst:
+        click.echo("lowest pixel accuracy: " + ", ".join(f"{r['name']} {r['pixel_accuracy']:.3f}" for r in worst))
+    vs = report.get("versus_baseline")
+    if vs:
+        parts = []
+        for key, label in (("pixel_accuracy", "pixel accuracy"), ("mean_iou", "mean IoU")):
+            d, (lo, hi) = vs[key]["difference"], vs[key]["interval"]
+            if d is not None and lo is not None:
+                parts.append(f"{label} {d:+.4f} ({lo:+.4f} to {hi:+.4f})")
+        click.echo(f"versus {vs['baseline_model']} ({vs['baseline']}), paired {vs['level']:.0%} interval: "
+                   + "   ".join(parts))
+
+
+def _parse_sizes(text: str | None) -> list[int] | None:
+    """``--tta-sizes``: None (the spec's), ``[]`` for 'none', else the comma-separated edges."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return []
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give edges in pixels like 144,240 or 'none'",
+                                 param_hint="--tta-sizes") from None
+    if not sizes or any(not 8 <= e <= 4096 for e in sizes) or len(set(sizes)) != len(sizes):
+        raise click.BadParameter(f"{text!r}: distinct edges between 8 and 4096 pixels", param_hint="--tta-sizes")
+    return sizes
 
 
 def _layout(folder: Path) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from adapters.base import AdapterError
-from pipelines.metrics import confusion_matrix, scores
+from pipelines.metrics import bootstrap_difference, bootstrap_intervals, confusion_matrix, scores
 from pipelines.normalize import normalize
 from pipelines.registry import LoadedModel, flip_tta, get_spec, load
 from pipelines.spec import ClassSpec, ModelSpec, Normalization
@@ -26,6 +26,7 @@ from pipelines.train import list_names, load_pairs, split_names
 
 __all__ = [
     "PET_CLASSES",
+    "compare_reports",
     "evaluate_folder",
     "export_model",
     "through_size",
@@ -135,6 +136,7 @@ def evaluate_folder(
     label_offset: int = 1,
     square: int | None = None,
     through: int | None = None,
+    tta_sizes: list[int] | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on every listed name of ``data`` (``split="val"``: only the held-out names).
 
@@ -142,16 +144,24 @@ def evaluate_folder(
     (bilinear) and its trimap (nearest) are first resized to ``square x square`` pixels, the protocol of
     notebooks that train and score at a fixed size (e.g. 128x128), and the model serves that photo as usual.
     ``through`` degrades the photo only (:func:`through_size`), scored against the untouched trimap.
+    ``tta_sizes`` replaces the spec's multi-scale sizes (``[]``: none) to measure another setting without
+    editing the spec.
 
     Returns a JSON-ready dict: ``model``, ``mode``, ``split``, ``tta``, ``square``, ``images``, ``skipped``
     (listed names whose files are missing), ``pixels``, ``pixel_accuracy``, ``mean_iou``, ``mean_dice``,
-    ``per_class`` ``{name: {"dice", "iou", "support"}}`` and ``confusion`` (rows = truth, model order).
+    ``per_class`` ``{name: {"dice", "iou", "support"}}``, ``confusion`` (rows = truth, model order),
+    ``intervals`` (95 % bootstrap intervals over images, :func:`pipelines.metrics.bootstrap_intervals`) and
+    ``per_image`` (``name``, ``pixels``, ``pixel_accuracy``, ``mean_iou``, ``confusion``; worst pixel accuracy
+    first; :func:`compare_reports` pairs two reports by these).
     """
     if split not in ("val", "all"):
         raise ValueError(f"split must be 'val' or 'all', got {split!r}")
     spec = model if isinstance(model, ModelSpec) else resolve_model(model)
     if spec.kind != "semantic":
         raise ValueError(f"model {spec.name} is a {spec.kind} model; eval scores semantic models")
+    if tta_sizes is not None:
+        # Validated like a spec file (and cached by the registry apart from the served spec).
+        spec = ModelSpec.model_validate({**spec.model_dump(), "tta_sizes": list(tta_sizes)})
     mode = mode or spec.mode
     names = list_names(data)
     if split == "val":
@@ -161,7 +171,7 @@ def evaluate_folder(
         raise AdapterError(f"{data}: no image with a trimap to evaluate (split={split})")
     predictor = make_predictor(load(spec), mode=mode, tta=tta)
     k = len(spec.classes)
-    cm = np.zeros((k, k), np.int64)
+    per_image: list[np.ndarray] = []
     for _name, img_path, mask_path in pairs:
         truth = read_truth(mask_path, label_offset)
         rgb = _read_photo(img_path)
@@ -172,8 +182,15 @@ def evaluate_folder(
         if through:
             rgb = through_size(rgb, through)
         pred = predictor(rgb).argmax(-1)
-        cm += confusion_matrix(truth, pred, k)
+        per_image.append(confusion_matrix(truth, pred, k))
+    cm = np.sum(per_image, axis=0)
     sc = scores(cm)
+    images = []
+    for (name, _, _), m in zip(pairs, per_image, strict=True):
+        s_img = scores(m)
+        images.append({"name": name, "pixels": int(m.sum()), "pixel_accuracy": s_img["pixel_accuracy"],
+                       "mean_iou": s_img["mean_iou"], "confusion": m.tolist()})
+    images.sort(key=lambda r: (r["pixel_accuracy"] is None, r["pixel_accuracy"] or 0.0, r["name"]))
     by_id = {c.id: c.name for c in spec.classes}
     return {
         "model": spec.name,
@@ -197,7 +214,37 @@ def evaluate_folder(
             for c in sc["per_class"]
         },
         "confusion": cm.tolist(),
+        "intervals": bootstrap_intervals(per_image),
+        "per_image": images,
     }
+
+
+def compare_reports(baseline: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
+    """Paired bootstrap of ``candidate - baseline`` (:func:`pipelines.metrics.bootstrap_difference`) for two
+    :func:`evaluate_folder` reports of the same images, paired by name through their ``per_image`` lists.
+
+    Returns ``{"baseline_model", "items", "level", "resamples", "pixel_accuracy": {"difference", "interval"},
+    "mean_iou": {...}}``. Raises ``ValueError`` when a report has no per-image scores or the two do not hold
+    the same images (different splits or folders, or the same image at other sizes).
+    """
+    def by_name(report: dict[str, Any], which: str) -> dict[str, Any]:
+        rows = report.get("per_image")
+        if not rows or any("confusion" not in r for r in rows):
+            raise ValueError(f"the {which} report has no per-image confusion matrices (made by an older tileseg?)")
+        return {r["name"]: r for r in rows}
+
+    base, cand = by_name(baseline, "baseline"), by_name(candidate, "candidate")
+    if base.keys() != cand.keys():
+        only_b, only_c = sorted(base.keys() - cand.keys()), sorted(cand.keys() - base.keys())
+        raise ValueError(f"the reports hold different images: {len(only_b)} only in the baseline "
+                         f"({', '.join(only_b[:3])}), {len(only_c)} only in the candidate ({', '.join(only_c[:3])})")
+    names = sorted(cand)
+    mismatched = [n for n in names if base[n]["pixels"] != cand[n]["pixels"]]
+    if mismatched:
+        raise ValueError(f"{len(mismatched)} images were scored on other pixel counts (e.g. {mismatched[0]}): "
+                         "compare reports made with the same --square")
+    diff = bootstrap_difference([base[n]["confusion"] for n in names], [cand[n]["confusion"] for n in names])
+    return {"baseline_model": baseline.get("model"), **diff}
 
 
 def through_size(rgb: np.ndarray, size: int) -> np.ndarray:

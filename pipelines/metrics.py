@@ -14,7 +14,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ClassAccumulator", "coco_mask_ap", "confusion_matrix", "scores"]
+__all__ = [
+    "ClassAccumulator",
+    "bootstrap_difference",
+    "bootstrap_intervals",
+    "coco_mask_ap",
+    "confusion_matrix",
+    "scores",
+]
 
 
 def confusion_matrix(
@@ -72,6 +79,88 @@ def scores(confusion: np.ndarray) -> dict[str, Any]:
         "mean_dice": float(np.mean(dices)) if dices else None,
         "per_class": per_class,
     }
+
+
+def _checked_items(confusions: np.ndarray | Sequence[np.ndarray], resamples: int, level: float) -> np.ndarray:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if resamples < 1:
+        raise ValueError("resamples must be >= 1")
+    cms = np.asarray(confusions, dtype=np.int64)
+    if cms.ndim != 3 or cms.shape[1] != cms.shape[2]:
+        raise ValueError(f"confusions must be (N, K, K), got shape {cms.shape}")
+    return cms
+
+
+def _resampled_scores(stacks: Sequence[np.ndarray], resamples: int, seed: int) -> list[list[dict[str, Any]]]:
+    """For each ``(N, K, K)`` stack, :func:`scores` of ``resamples`` item resamples; every stack is resampled
+    with the same draws (paired), so differences between stacks keep their item-by-item pairing."""
+    n = stacks[0].shape[0]
+    rng = np.random.default_rng(seed)
+    # Each row: how often each item is drawn; a resampled matrix is the count-weighted sum of the items'.
+    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)])
+    return [[scores(cm) for cm in np.einsum("rn,nkl->rkl", counts, cms)] for cms in stacks]
+
+
+def _percentiles(values: Sequence[float | None], level: float) -> list[float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return [None, None]
+    return [float(np.percentile(vals, 50.0 * (1.0 - level))), float(np.percentile(vals, 50.0 * (1.0 + level)))]
+
+
+def bootstrap_intervals(
+    confusions: np.ndarray | Sequence[np.ndarray],
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Percentile bootstrap intervals of pixel accuracy and mean IoU over items (images, slices, tiles).
+
+    ``confusions`` is ``(N, K, K)``: one confusion matrix per item (rows = truth). Each resample draws ``N``
+    items with replacement and scores their summed matrix with :func:`scores`, so an item's pixels stay
+    together: neighbouring pixels are not independent, and a pixel-level interval would be far too narrow.
+    Returns ``{"level", "resamples", "items", "pixel_accuracy": [low, high], "mean_iou": [low, high]}``
+    (bounds None when fewer than 2 items). Deterministic for a given ``seed``.
+    """
+    cms = _checked_items(confusions, resamples, level)
+    out: dict[str, Any] = {"level": level, "resamples": resamples, "items": cms.shape[0],
+                           "pixel_accuracy": [None, None], "mean_iou": [None, None]}
+    if cms.shape[0] < 2:
+        return out
+    (runs,) = _resampled_scores([cms], resamples, seed)
+    for key in ("pixel_accuracy", "mean_iou"):
+        out[key] = _percentiles([r[key] for r in runs], level)
+    return out
+
+
+def bootstrap_difference(
+    baseline: np.ndarray | Sequence[np.ndarray],
+    candidate: np.ndarray | Sequence[np.ndarray],
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Paired bootstrap of ``candidate - baseline`` in pixel accuracy and mean IoU, over the same items.
+
+    Both are ``(N, K, K)`` per-item confusion matrices of the same N items in the same order (two models, or
+    two settings, scored on one split). Resampling the items once for both keeps each item's difficulty
+    on both sides, so the interval of the difference is much narrower than the two separate intervals: it
+    says whether a change on a small validation split is larger than the split's noise. Returns
+    ``{"level", "resamples", "items", "pixel_accuracy": {"difference", "interval"}, "mean_iou": {...}}``.
+    """
+    a, b = _checked_items(baseline, resamples, level), _checked_items(candidate, resamples, level)
+    if a.shape != b.shape:
+        raise ValueError(f"baseline {a.shape} and candidate {b.shape} must hold the same items and classes")
+    out: dict[str, Any] = {"level": level, "resamples": resamples, "items": a.shape[0]}
+    runs_a, runs_b = _resampled_scores([a, b], resamples, seed) if a.shape[0] >= 2 else ([], [])
+    whole_a, whole_b = scores(a.sum(axis=0)), scores(b.sum(axis=0))
+    for key in ("pixel_accuracy", "mean_iou"):
+        diffs = [None if ra[key] is None or rb[key] is None else rb[key] - ra[key]
+                 for ra, rb in zip(runs_a, runs_b, strict=True)]
+        point = None if whole_a[key] is None or whole_b[key] is None else whole_b[key] - whole_a[key]
+        out[key] = {"difference": point, "interval": _percentiles(diffs, level)}
+    return out
 
 
 class ClassAccumulator:

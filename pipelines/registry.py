@@ -116,7 +116,7 @@ def flip_tta(predict: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarra
     return tta
 
 
-_cache: dict[tuple[str, str], LoadedModel] = {}
+_cache: dict[tuple[str, str, str], LoadedModel] = {}
 # Re-entrant: loading an instance model with `refine` loads its semantic model through load() too.
 _lock = threading.RLock()
 
@@ -197,7 +197,8 @@ def _load_semantic(spec: ModelSpec) -> LoadedModel:
 def load(name_or_path: str | ModelSpec) -> LoadedModel:
     """Load (once per process) and return the model for a name, spec path or spec."""
     spec = name_or_path if isinstance(name_or_path, ModelSpec) else get_spec(name_or_path)
-    key = (spec.name, str(spec.spec_path))
+    # The whole spec is in the key: a copy with other settings (e.g. tta_sizes) is another model.
+    key = (spec.name, str(spec.spec_path), spec.model_dump_json())
     with _lock:
         if key not in _cache:
             if spec.kind == "semantic":

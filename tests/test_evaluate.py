@@ -15,6 +15,7 @@ from PIL import Image  # noqa: E402
 
 from core.cli_train import eval_command  # noqa: E402
 from pipelines.evaluate import (  # noqa: E402
+    compare_reports,
     evaluate_folder,
     export_model,
     flip_tta,
@@ -89,6 +90,18 @@ def test_eval_json_matches_metrics_module(pets5, tiny_model):
     for name, ref_c in zip(report["per_class"], ref["per_class"], strict=True):
         for key in ("dice", "iou"):
             assert report["per_class"][name][key] == pytest.approx(ref_c[key], abs=1e-3)
+
+    # Each image's own scores, worst first; together they are the whole report.
+    per_image = report["per_image"]
+    assert sorted(r["name"] for r in per_image) == sorted(names)
+    assert sum(r["pixels"] for r in per_image) == report["pixels"]
+    accs = [r["pixel_accuracy"] for r in per_image]
+    assert accs == sorted(accs)
+    assert sum(a * r["pixels"] for a, r in zip(accs, per_image, strict=True)) / report["pixels"] == pytest.approx(
+        report["pixel_accuracy"])
+    ci = report["intervals"]
+    assert ci["items"] == 5 and ci["level"] == 0.95
+    assert min(accs) <= ci["pixel_accuracy"][0] <= report["pixel_accuracy"] <= ci["pixel_accuracy"][1] <= max(accs)
 
 
 def test_square_protocol_resizes_photo_and_trimap_before_scoring(pets5, tiny_model):
@@ -276,6 +289,30 @@ def test_tta_sizes_run_a_fixed_size_model_at_other_sizes(tmp_path, pets5, tiny_m
     assert plain["confusion"] == _run_eval("--model", str(folder), "--data", str(root))["confusion"]
     assert report["confusion"] != plain["confusion"]
 
+    # --tta-sizes measures another setting without editing the spec; the served one is not disturbed.
+    clear_cache()
+    assert _run_eval("--model", str(folder), "--data", str(root), "--tta-sizes", "24,48")["confusion"] == \
+        report["confusion"]
+    assert _run_eval("--model", str(ms_dir), "--data", str(root), "--tta-sizes", "none")["confusion"] == \
+        plain["confusion"]
+    assert evaluate_folder(str(ms_dir), root, tta_sizes=[24, 48])["confusion"] == report["confusion"]
+    assert _run_eval("--model", str(folder), "--data", str(root))["confusion"] == plain["confusion"]
+    bad = CliRunner().invoke(eval_command, ["--model", str(folder), "--data", str(root), "--tta-sizes", "24,x"])
+    assert bad.exit_code == 2 and "--tta-sizes" in bad.output
+
+
+    # --baseline: the multi-scale setting against the plain one, paired image by image.
+    base_file = tmp_path / "plain.json"
+    base_file.write_text(json.dumps(plain))
+    vs = _run_eval("--model", str(ms_dir), "--data", str(root), "--baseline", str(base_file))["versus_baseline"]
+    assert vs["baseline"] == str(base_file) and vs["items"] == 5
+    assert vs["pixel_accuracy"]["difference"] == pytest.approx(report["pixel_accuracy"] - plain["pixel_accuracy"])
+    low, high = vs["pixel_accuracy"]["interval"]
+    assert low <= vs["pixel_accuracy"]["difference"] <= high
+    table = CliRunner().invoke(eval_command, ["--model", str(ms_dir), "--data", str(root),
+                                              "--baseline", str(base_file)])
+    assert table.exit_code == 0 and "paired 95% interval: pixel accuracy" in table.stdout
+
 
 def test_tta_sizes_on_a_model_that_cannot_take_other_sizes_is_a_clear_error(tmp_path):
     import keras
@@ -294,3 +331,24 @@ def test_tta_sizes_on_a_model_that_cannot_take_other_sizes_is_a_clear_error(tmp_
     clear_cache()
     with pytest.raises(ValueError, match=r"tta_sizes \[24\] need a model that takes any input size"):
         load(str(folder))
+
+
+def _report(rows: list[tuple[str, list[list[int]]]], model: str = "m") -> dict:
+    return {"model": model, "per_image": [{"name": n, "pixels": int(np.sum(cm)), "confusion": cm} for n, cm in rows]}
+
+
+def test_compare_reports_pairs_images_by_name_and_refuses_other_images():
+    good, bad = [[8, 1], [1, 10]], [[5, 4], [3, 8]]
+    base = _report([("a", good), ("b", bad), ("c", good)], model="old")
+    # Same images listed in another order (reports sort worst first), the candidate fixes image b.
+    cand = _report([("c", good), ("a", good), ("b", good)])
+    vs = compare_reports(base, cand)
+    assert vs["baseline_model"] == "old" and vs["items"] == 3
+    assert vs["pixel_accuracy"]["difference"] == pytest.approx(54 / 60 - 49 / 60)
+    assert compare_reports(base, base)["pixel_accuracy"]["interval"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="different images: 1 only in the baseline"):
+        compare_reports(base, _report([("a", good), ("b", good)]))
+    with pytest.raises(ValueError, match="other pixel counts"):
+        compare_reports(base, _report([("a", good), ("b", good), ("c", [[1, 0], [0, 1]])]))
+    with pytest.raises(ValueError, match="no per-image confusion"):
+        compare_reports({"model": "x", "pixel_accuracy": 0.9}, cand)

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from pipelines.metrics import ClassAccumulator, coco_mask_ap, confusion_matrix, scores
+from pipelines.metrics import (
+    ClassAccumulator,
+    bootstrap_difference,
+    bootstrap_intervals,
+    coco_mask_ap,
+    confusion_matrix,
+    scores,
+)
 
 
 def test_confusion_matrix_rows_are_truth_and_ignores():
@@ -41,6 +48,74 @@ def test_scores_absent_class_is_none_not_zero():
     assert s["per_class"][1]["iou"] is None and s["per_class"][1]["dice"] is None
     assert s["mean_iou"] == 1.0
     assert scores(np.zeros((2, 2)))["pixel_accuracy"] is None
+
+
+def _item(correct: int, wrong: int) -> np.ndarray:
+    """A 2-class item: ``correct`` pixels right, ``wrong`` pixels of class 0 called 1."""
+    return np.array([[correct // 2, wrong], [0, correct - correct // 2]])
+
+
+def test_bootstrap_identical_items_give_a_point_interval():
+    cms = [_item(80, 20)] * 6
+    ci = bootstrap_intervals(cms, resamples=300)
+    assert ci["items"] == 6 and ci["level"] == 0.95 and ci["resamples"] == 300
+    assert ci["pixel_accuracy"] == pytest.approx([0.8, 0.8])
+    mean_iou = scores(np.sum(cms, axis=0))["mean_iou"]
+    assert ci["mean_iou"] == pytest.approx([mean_iou, mean_iou])
+
+
+def test_bootstrap_resamples_items_not_pixels():
+    """One perfect and one all-wrong item of equal size: a resample is 0, 1/2 or 1 with odds 1:2:1, so the
+    95 % interval spans [0, 1]. A pixel-level bootstrap of the same 50 % would be about +-1 point wide."""
+    ci = bootstrap_intervals([_item(1000, 0), _item(0, 1000)], resamples=2000, seed=3)
+    assert ci["pixel_accuracy"] == [0.0, 1.0]
+    assert bootstrap_intervals([_item(1000, 0), _item(0, 1000)], resamples=2000, seed=3) == ci
+    assert bootstrap_intervals([_item(10, 0)])["pixel_accuracy"] == [None, None]
+
+
+def test_bootstrap_interval_covers_the_population_accuracy():
+    """Items with accuracies scattered around 0.9 (like photos: most good, a few bad): over 100 samples of 40
+    items, the 95 % interval holds the population's pixel accuracy about 95 % of the time."""
+    rng = np.random.default_rng(11)
+    population = rng.beta(18, 2, 20_000)  # per-item accuracy, mean 0.9
+    truth_acc = population.mean()  # equal-size items: the pixel accuracy of the whole population
+    hits = 0
+    for _ in range(100):
+        acc = rng.choice(population, 40)
+        cms = [_item(int(round(a * 1000)), 1000 - int(round(a * 1000))) for a in acc]
+        low, high = bootstrap_intervals(cms, resamples=400, seed=int(rng.integers(1 << 30)))["pixel_accuracy"]
+        hits += low <= truth_acc <= high
+    assert 85 <= hits <= 100
+
+
+def test_bootstrap_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\(N, K, K\)"):
+        bootstrap_intervals(np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_intervals([_item(1, 1)] * 2, level=1.0)
+
+
+def test_bootstrap_difference_is_paired():
+    """A candidate 2 points better on every item: the paired interval of the difference is tight around +0.02
+    and excludes 0, though the two separate intervals overlap (items differ far more than the models)."""
+    rng = np.random.default_rng(5)
+    acc = rng.uniform(0.6, 0.97, 30)
+    base = [_item(int(a * 1000), 1000 - int(a * 1000)) for a in acc]
+    cand = [_item(int(a * 1000) + 20, 980 - int(a * 1000)) for a in acc]
+    diff = bootstrap_difference(base, cand, resamples=1000)
+    assert diff["items"] == 30
+    assert diff["pixel_accuracy"]["difference"] == pytest.approx(0.02)
+    low, high = diff["pixel_accuracy"]["interval"]
+    assert 0.0 < low <= 0.02 <= high < 0.021
+    assert diff["mean_iou"]["interval"][0] > 0.0
+    single_b = bootstrap_intervals(base, resamples=1000)["pixel_accuracy"]
+    single_c = bootstrap_intervals(cand, resamples=1000)["pixel_accuracy"]
+    assert single_c[0] < single_b[1]  # apart, the two would not tell the models apart
+
+    same = bootstrap_difference(base, base, resamples=200)
+    assert same["pixel_accuracy"] == {"difference": 0.0, "interval": [0.0, 0.0]}
+    with pytest.raises(ValueError, match="same items"):
+        bootstrap_difference(base, cand[:-1])
 
 
 def test_accumulator_streaming_equals_one_shot_and_merge():
