@@ -258,9 +258,9 @@ def _parse_sizes(text: str | None) -> list[int] | None:
     except ValueError:
         raise click.BadParameter(f"{text!r}: give edges in pixels like 144,240 or 'none'",
                                  param_hint="--tta-sizes") from None
-    if not sizes or any(not 8 <= e <= 4096 for e in sizes) or len(set(sizes)) != len(sizes):
-        raise click.BadParameter(f"{text!r}: distinct edges between 8 and 4096 pixels", param_hint="--tta-sizes")
-    return sizes
+    if not sizes:
+        raise click.BadParameter(f"{text!r}: give edges in pixels like 144,240 or 'none'", param_hint="--tta-sizes")
+    return sizes  # ranges and repeats are checked like a spec file's (pipelines.spec.ModelSpec)
 
 
 def _layout(folder: Path) -> str:

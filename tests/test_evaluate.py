@@ -299,6 +299,8 @@ def test_tta_sizes_run_a_fixed_size_model_at_other_sizes(tmp_path, pets5, tiny_m
     assert _run_eval("--model", str(folder), "--data", str(root))["confusion"] == plain["confusion"]
     bad = CliRunner().invoke(eval_command, ["--model", str(folder), "--data", str(root), "--tta-sizes", "24,x"])
     assert bad.exit_code == 2 and "--tta-sizes" in bad.output
+    repeated = CliRunner().invoke(eval_command, ["--model", str(folder), "--data", str(root), "--tta-sizes", "24,24"])
+    assert repeated.exit_code == 1 and "tta_sizes must be distinct input edges" in repeated.output
 
 
     # --baseline: the multi-scale setting against the plain one, paired image by image.
