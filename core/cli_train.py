@@ -256,8 +256,7 @@ def _parse_sizes(text: str | None) -> list[int] | None:
     try:
         sizes = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise click.BadParameter(f"{text!r}: give edges in pixels like 144,240 or 'none'",
-                                 param_hint="--tta-sizes") from None
+        sizes = []
     if not sizes:
         raise click.BadParameter(f"{text!r}: give edges in pixels like 144,240 or 'none'", param_hint="--tta-sizes")
     return sizes  # ranges and repeats are checked like a spec file's (pipelines.spec.ModelSpec)

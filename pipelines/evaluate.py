@@ -227,10 +227,12 @@ def compare_reports(baseline: dict[str, Any], candidate: dict[str, Any]) -> dict
     "mean_iou": {...}}``. Raises ``ValueError`` when a report has no per-image scores or the two do not hold
     the same images (different splits or folders, or the same image at other sizes).
     """
-    def by_name(report: dict[str, Any], which: str) -> dict[str, Any]:
-        rows = report.get("per_image")
-        if not rows or any("confusion" not in r for r in rows):
-            raise ValueError(f"the {which} report has no per-image confusion matrices (made by an older tileseg?)")
+    def by_name(report: Any, which: str) -> dict[str, Any]:
+        rows = report.get("per_image") if isinstance(report, dict) else None
+        if not isinstance(rows, list) or not rows or any(
+                not isinstance(r, dict) or not {"name", "pixels", "confusion"} <= r.keys() for r in rows):
+            raise ValueError(f"the {which} report has no per-image confusion matrices (not a `tileseg eval "
+                             "--json` report of a semantic model, or made by an older tileseg)")
         return {r["name"]: r for r in rows}
 
     base, cand = by_name(baseline, "baseline"), by_name(candidate, "candidate")

@@ -354,3 +354,6 @@ def test_compare_reports_pairs_images_by_name_and_refuses_other_images():
         compare_reports(base, _report([("a", good), ("b", good), ("c", [[1, 0], [0, 1]])]))
     with pytest.raises(ValueError, match="no per-image confusion"):
         compare_reports({"model": "x", "pixel_accuracy": 0.9}, cand)
+    for not_a_report in ([1, 2], {"per_image": [{"name": "a"}]}, {"per_image": "x"}):
+        with pytest.raises(ValueError, match="no per-image confusion"):
+            compare_reports(not_a_report, cand)
