@@ -208,8 +208,7 @@ def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction:
                                  label_offset=label_offset, square=square, through=through, tta_sizes=sizes)
     except (AdapterError, ModelNotFound, ValueError) as e:
         raise click.ClickException(str(e)) from e
-    if report["skipped"]:
-        click.echo(f"warning: skipped {report['skipped']} listed names with missing files", err=True)
+    _warn_unscored(report.get("missing", []), report.get("errors", []))
     if base_report is not None:
         from pipelines.evaluate import compare_reports
 
@@ -245,6 +244,18 @@ def eval_command(model: str, data: str, as_json: bool, split: str, val_fraction:
                 parts.append(f"{label} {d:+.4f} ({lo:+.4f} to {hi:+.4f})")
         click.echo(f"versus {vs['baseline_model']} ({vs['baseline']}), paired {vs['level']:.0%} interval: "
                    + "   ".join(parts))
+
+
+def _warn_unscored(missing: list[str], errors: list[dict[str, str]]) -> None:
+    """Name on stderr what was listed but not scored (the JSON report holds every name)."""
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        click.echo(f"warning: skipped {len(missing)} listed names with missing files: "
+                   f"{', '.join(missing[:5])}{more}", err=True)
+    for e in errors[:10]:
+        click.echo(f"warning: not scored: {e['error']}", err=True)
+    if len(errors) > 10:
+        click.echo(f"warning: {len(errors) - 10} more images not scored (see --json)", err=True)
 
 
 def _parse_sizes(text: str | None) -> list[int] | None:
@@ -303,10 +314,12 @@ def _eval_domain(spec, folder: Path, layout: str, split: str, as_json: bool) -> 
                                             names, folder=folder)}
     except (AdapterError, ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from e
+    _warn_unscored([], report.get("errors", []))
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"model {spec.name}  layout {layout}  split {split}  images {len(names)}")
+    click.echo(f"model {spec.name}  layout {layout}  split {split}  images {report.get('images', len(names))} "
+               f"of {len(names)} listed")
     if spec.kind == "instance":
         for k in ("mask_ap", "mask_ap50", "mask_ap75", "box_ap", "box_ap50", "box_ap75"):
             v = report.get(k)
@@ -332,16 +345,18 @@ def _eval_instances(spec, data: str, as_json: bool, split: str, val_fraction: fl
         metrics = evaluate_instances(load(spec), data, names=names, tta=tta, refine=refine)
     except (ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from e
-    report = {"model": spec.name, "kind": "instance", "split": split, "images": len(names),
+    report = {"model": spec.name, "kind": "instance", "split": split, "listed": len(names),
               "tta": spec.tta == "flip" if tta is None else tta,
               "refine": None if spec.refine is None or refine is False else spec.refine.model_dump(),
               **metrics.to_json()}
+    _warn_unscored([], metrics.errors)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"model {spec.name}  split {split}  images {len(names)}")
+    click.echo(f"model {spec.name}  split {split}  images {metrics.images} of {len(names)} listed")
     for k, v in metrics.to_json().items():
-        click.echo(f"{k:<12}{'-' if v is None else f'{v:.4f}'}")
+        if k != "errors":
+            click.echo(f"{k:<12}{'-' if v is None else f'{v:.4f}'}")
 
 
 if __name__ == "__main__":  # ``python -m core.cli_train unet ...`` before the main CLI registers these

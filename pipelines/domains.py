@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -676,13 +676,35 @@ def export(checkpoint: str | Path, spec: ModelSpec, export_dir: str | Path) -> M
 # --------------------------------------------------------------------------------------------- evaluation
 
 
-def _report(confusion: np.ndarray, names: Sequence[str], per_image: dict) -> dict:
+def _report(confusion: np.ndarray, per_image: dict, errors: list[dict[str, str]], *, names: Sequence[str]) -> dict:
     from pipelines.metrics import scores
 
     s = scores(confusion)
     for c in s["per_class"]:
         c["name"] = names[c["class_id"]]
-    return {**s, "confusion": confusion.tolist(), "per_image": per_image}
+    return {**s, "confusion": confusion.tolist(), "images": len(per_image), "per_image": per_image,
+            "errors": errors}
+
+
+def _score_each(names: Sequence[str], num_classes: int,
+                score_one: Callable[[str], SemanticResult]) -> tuple[np.ndarray, dict, list[dict[str, str]]]:
+    """Summed ``(K, K)`` confusion, per-image Dice/IoU and ``[{"name", "error"}]`` for the images that could
+    not be read: one bad file costs its own image only. Raises :class:`AdapterError` when none could."""
+    total = np.zeros((num_classes, num_classes), np.int64)
+    per_image: dict[str, dict] = {}
+    errors: list[dict[str, str]] = []
+    for name in names:
+        try:
+            res = score_one(name)
+        except (AdapterError, OSError) as e:
+            log.warning("%s: not scored (%s)", name, e)
+            errors.append({"name": name, "error": str(e)})
+            continue
+        total += res.confusion
+        per_image[name] = {f.name: {"dice": f.dice, "iou": f.iou} for f in res.figures}
+    if errors and not per_image:
+        raise AdapterError(f"none of the {len(errors)} images could be scored; the first: {errors[0]['error']}")
+    return total, per_image, errors
 
 
 def evaluate_buildings(model_dir: str | Path, names: Sequence[str] = RIO_SPLIT["test"],
@@ -697,10 +719,8 @@ def evaluate_buildings(model_dir: str | Path, names: Sequence[str] = RIO_SPLIT["
 
     model = registry.load(registry.get_spec(str(model_dir)))
     root = Path(folder) if folder is not None else _data_root(data_root) / "spacenet1_rio_buildings"
-    k = len(model.spec.classes)
-    total = np.zeros((k, k), np.int64)
-    per_image = {}
-    for name in names:
+
+    def score_one(name: str) -> SemanticResult:
         mask, _ = _read_raster(root / "masks" / f"{name}.tif")
         src = GeoTiffFormat().open(str(root / "images" / f"{name}.tif"))
         try:
@@ -712,9 +732,9 @@ def evaluate_buildings(model_dir: str | Path, names: Sequence[str] = RIO_SPLIT["
                                                       ground_truth=truth)
         finally:
             src.close()
-        total += res.confusion
-        per_image[name] = {f.name: {"dice": f.dice, "iou": f.iou} for f in res.figures}
-    return _report(total, model.spec.class_names, per_image)
+        return res
+
+    return _report(*_score_each(names, len(model.spec.classes), score_one), names=model.spec.class_names)
 
 
 def evaluate_ct(model_dir: str | Path, names: Sequence[str] = CT_SPLIT["test"],
@@ -727,12 +747,9 @@ def evaluate_ct(model_dir: str | Path, names: Sequence[str] = CT_SPLIT["test"],
 
     model = registry.load(registry.get_spec(str(model_dir)))
     root = Path(folder) if folder is not None else _data_root(data_root) / "medical_ct_totalsegmentator"
-    k = len(model.spec.classes)
-    total = np.zeros((k, k), np.int64)
-    per_image = {}
-    for name in names:
+
+    def score_one(name: str) -> SemanticResult:
         item, label = read_ct_slice(root, name)
-        res = segment_item(item, model, ArraySink(item.info.height, item.info.width), ground_truth=label)
-        total += res.confusion
-        per_image[name] = {f.name: {"dice": f.dice, "iou": f.iou} for f in res.figures}
-    return _report(total, model.spec.class_names, per_image)
+        return segment_item(item, model, ArraySink(item.info.height, item.info.width), ground_truth=label)
+
+    return _report(*_score_each(names, len(model.spec.classes), score_one), names=model.spec.class_names)

@@ -32,6 +32,8 @@ __all__ = [
     "through_size",
     "flip_tta",
     "make_predictor",
+    "read_labeled",
+    "read_photo",
     "read_truth",
     "resize_square",
     "resolve_model",
@@ -108,22 +110,43 @@ def resolve_model(name_or_path: str | Path) -> ModelSpec:
 
 
 def read_truth(path: Path, label_offset: int = 1) -> np.ndarray:
-    """``(H, W) int16`` class ids from a trimap PNG (value - offset; unknown values -> -1, never scored)."""
+    """``(H, W) int16`` class ids from a trimap PNG (value - offset; unknown values -> -1, never scored).
+
+    Raises :class:`AdapterError` for a file that does not decode (truncated, not an image, too large for
+    PIL's decompression-bomb guard) or that has more than one channel.
+    """
     try:
-        t = np.asarray(Image.open(path))
-    except OSError as e:
+        with Image.open(path) as im:
+            t = np.asarray(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise AdapterError(f"{path}: unreadable trimap ({e})") from e
     if t.ndim != 2:
         raise AdapterError(f"{path}: trimap must be single-channel, got shape {t.shape}")
     return t.astype(np.int16) - label_offset
 
 
-def _read_photo(path: Path) -> np.ndarray:
+def read_photo(path: Path) -> np.ndarray:
+    """``(H, W, 3) uint8`` RGB of a photo file (grey, palette, RGBA and CMYK converted).
+
+    Raises :class:`AdapterError` for a file that does not decode (truncated, not an image, too large).
+    """
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
-    except OSError as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise AdapterError(f"{path}: unreadable image ({e})") from e
+
+
+def read_labeled(img_path: Path, mask_path: Path, label_offset: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """One labelled photo: ``(H, W, 3) uint8`` RGB and ``(H, W) int16`` class ids (:func:`read_truth`).
+
+    Raises :class:`AdapterError` when either file is unreadable or their sizes differ.
+    """
+    truth = read_truth(mask_path, label_offset)
+    rgb = read_photo(img_path)
+    if rgb.shape[:2] != truth.shape:
+        raise AdapterError(f"{img_path}: image {rgb.shape[:2]} and trimap {truth.shape} sizes differ")
+    return rgb, truth
 
 
 def evaluate_folder(
@@ -147,8 +170,12 @@ def evaluate_folder(
     ``tta_sizes`` replaces the spec's multi-scale sizes (``[]``: none) to measure another setting without
     editing the spec.
 
-    Returns a JSON-ready dict: ``model``, ``mode``, ``split``, ``tta``, ``square``, ``images``, ``skipped``
-    (listed names whose files are missing), ``pixels``, ``pixel_accuracy``, ``mean_iou``, ``mean_dice``,
+    A listed name whose photo or trimap is missing is named in ``missing``; one whose files do not decode,
+    or whose photo and trimap sizes differ, is named with the reason in ``errors``. Neither stops the others.
+
+    Returns a JSON-ready dict: ``model``, ``mode``, ``split``, ``tta``, ``square``, ``images`` (scored),
+    ``skipped`` (listed but not scored: ``missing`` plus ``errors``), ``missing``, ``errors``, ``pixels``,
+    ``pixel_accuracy``, ``mean_iou``, ``mean_dice``,
     ``per_class`` ``{name: {"dice", "iou", "support"}}``, ``confusion`` (rows = truth, model order),
     ``intervals`` (95 % bootstrap intervals over images, :func:`pipelines.metrics.bootstrap_intervals`) and
     ``per_image`` (``name``, ``pixels``, ``pixel_accuracy``, ``mean_iou``, ``confusion``; worst pixel accuracy
@@ -166,27 +193,38 @@ def evaluate_folder(
     names = list_names(data)
     if split == "val":
         names = split_names(names, val_fraction)[1]
-    pairs, skipped = load_pairs(data, names)
+    pairs, _ = load_pairs(data, names)
+    found = {name for name, _, _ in pairs}
+    missing = [n for n in names if n not in found]
     if not pairs:
         raise AdapterError(f"{data}: no image with a trimap to evaluate (split={split})")
     predictor = make_predictor(load(spec), mode=mode, tta=tta)
     k = len(spec.classes)
     per_image: list[np.ndarray] = []
-    for _name, img_path, mask_path in pairs:
-        truth = read_truth(mask_path, label_offset)
-        rgb = _read_photo(img_path)
-        if rgb.shape[:2] != truth.shape:
-            raise AdapterError(f"{img_path}: image {rgb.shape[:2]} and trimap {truth.shape} sizes differ")
+    scored: list[str] = []
+    errors: list[dict[str, str]] = []
+    for name, img_path, mask_path in pairs:
+        try:
+            rgb, truth = read_labeled(img_path, mask_path, label_offset)
+        except AdapterError as e:
+            # One bad file costs its own image only; the report names it so nothing is dropped silently.
+            log.warning("%s: not scored (%s)", name, e)
+            errors.append({"name": name, "error": str(e)})
+            continue
         if square:
             rgb, truth = resize_square(rgb, truth, square)
         if through:
             rgb = through_size(rgb, through)
         pred = predictor(rgb).argmax(-1)
         per_image.append(confusion_matrix(truth, pred, k))
+        scored.append(name)
+    if not per_image:
+        raise AdapterError(f"{data}: none of the {len(pairs)} images could be scored; the first: "
+                           f"{errors[0]['error']}")
     cm = np.sum(per_image, axis=0)
     sc = scores(cm)
     images = []
-    for (name, _, _), m in zip(pairs, per_image, strict=True):
+    for name, m in zip(scored, per_image, strict=True):
         s_img = scores(m)
         images.append({"name": name, "pixels": int(m.sum()), "pixel_accuracy": s_img["pixel_accuracy"],
                        "mean_iou": s_img["mean_iou"], "confusion": m.tolist()})
@@ -202,8 +240,10 @@ def evaluate_folder(
         "model_files": 1 + len(spec.members),
         "square": square,
         "through": through,
-        "images": len(pairs),
-        "skipped": skipped,
+        "images": len(scored),
+        "skipped": len(missing) + len(errors),
+        "missing": missing,
+        "errors": errors,
         "pixels": int(cm.sum()),
         "pixel_accuracy": sc["pixel_accuracy"],
         "mean_iou": sc["mean_iou"],

@@ -13,7 +13,7 @@ import copy
 import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,8 @@ class InstanceMetrics:
     images: int
     gt_instances: int
     detections: int
+    #: Photos not scored, each ``{"name", "error"}`` (unreadable photo or trimap, sizes that differ).
+    errors: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe dict (NaN becomes None)."""
@@ -224,23 +226,29 @@ def evaluate_folder(
     Model classes are matched to the folder's categories (cat, dog) by name. A low ``score_threshold``
     keeps the ranking AP needs. ``names`` restricts to a split (e.g. a validation list). ``tta`` forces
     flip test-time augmentation on or off and ``refine`` the spec's mask refinement (default: the spec's).
+    A photo whose files do not decode, or whose trimap has another size, is left out and named in
+    ``errors``; raises ``ValueError`` when no photo could be scored.
     """
-    from PIL import Image
+    from adapters.base import AdapterError
+    from pipelines.evaluate import read_labeled
 
     cmap = category_map_by_name(class_name_map(model.spec), PET_CATEGORIES)
     if not cmap:
         raise ValueError(f"model {model.spec.name} has no class named cat or dog; cannot evaluate on pets")
     ev = CocoEvaluator(PET_CATEGORIES)
     samples = list_pet_samples(data_dir, names)[: limit if limit else None]
+    errors: list[dict[str, str]] = []
     for s in samples:
-        with Image.open(s.image) as im:
-            image = np.asarray(im.convert("RGB"))
-        with Image.open(s.trimap) as tm:
-            trimap = np.asarray(tm)
-        if trimap.shape != image.shape[:2]:
-            raise ValueError(f"{s.trimap}: size {trimap.shape} differs from the image's {image.shape[:2]}")
+        try:
+            image, trimap = read_labeled(s.image, s.trimap, label_offset=0)
+        except AdapterError as e:
+            errors.append({"name": s.name, "error": str(e)})
+            continue
         found = detect_image(model, image, score_threshold=score_threshold, max_detections=max_detections, tta=tta,
                              refine=refine)
         ev.add(image.shape[0], image.shape[1], [(s.category_id, pet_mask(trimap, include_outline=include_outline))],
                found, category_map=cmap, file_name=s.image.name)
-    return ev.result()
+    if samples and len(errors) == len(samples):
+        raise ValueError(f"{data_dir}: none of the {len(samples)} photos could be scored; the first: "
+                         f"{errors[0]['error']}")
+    return replace(ev.result(), errors=errors)

@@ -169,6 +169,52 @@ def test_tile_mode_and_table_output(pets5, tiny_model):
     assert "skipped 1" in res.stderr
 
 
+def test_bad_files_are_named_and_the_other_images_scored_as_alone(pets5, tiny_model, tmp_path):
+    """A truncated photo, a text file named .jpg, an RGB trimap and a trimap of another size each cost their
+    own image only: named with the reason in ``errors``, while the good images score exactly as in a folder
+    without them. A listed name with no files is named in ``missing``."""
+    root, names = pets5
+    folder, _ = tiny_model
+    good = names[:2]
+    clean = make_pets_folder(tmp_path / "clean", good)
+    mixed = make_pets_folder(tmp_path / "mixed", good, extra_listed=("gone_cat_9",))
+    src = root / "images" / f"{names[2]}.jpg"
+    tri = Image.open(root / "trimaps" / f"{names[2]}.png")
+    bad = {
+        "cut_cat_1": (src.read_bytes()[:2000], tri),
+        "text_cat_2": (b"not a photo at all\n", tri),
+        "rgb_cat_3": (src.read_bytes(), tri.convert("RGB")),
+        "small_cat_4": (src.read_bytes(), tri.resize((20, 10))),
+    }
+    for name, (photo, trimap) in bad.items():
+        (mixed / "images" / f"{name}.jpg").write_bytes(photo)
+        trimap.save(mixed / "trimaps" / f"{name}.png")
+    with (mixed / "annotations" / "list.txt").open("a") as f:
+        f.write("".join(f"{n} 1 1 1\n" for n in bad))
+
+    report = evaluate_folder(str(folder), mixed)
+    alone = evaluate_folder(str(folder), clean)
+    assert report["images"] == 2 and report["confusion"] == alone["confusion"]
+    assert report["missing"] == ["gone_cat_9"] and report["skipped"] == 5
+    reasons = {e["name"]: e["error"] for e in report["errors"]}
+    assert list(reasons) == list(bad)
+    assert "unreadable image" in reasons["cut_cat_1"] and "unreadable image" in reasons["text_cat_2"]
+    assert "single-channel" in reasons["rgb_cat_3"] and "sizes differ" in reasons["small_cat_4"]
+    assert sorted(r["name"] for r in report["per_image"]) == sorted(good)
+
+    res = CliRunner().invoke(eval_command, ["--model", str(folder), "--data", str(mixed)])
+    assert res.exit_code == 0, res.output
+    assert "gone_cat_9" in res.stderr and all(n in res.stderr for n in bad)
+
+    only_bad = make_pets_folder(tmp_path / "bad", [])
+    for name, (photo, trimap) in bad.items():
+        (only_bad / "images" / f"{name}.jpg").write_bytes(photo)
+        trimap.save(only_bad / "trimaps" / f"{name}.png")
+    (only_bad / "annotations" / "list.txt").write_text("".join(f"{n} 1 1 1\n" for n in bad))
+    res = CliRunner().invoke(eval_command, ["--model", str(folder), "--data", str(only_bad)])
+    assert res.exit_code != 0 and "none of the 4 images could be scored" in res.output
+
+
 def test_eval_accepts_bare_keras_file(pets5, tiny_model):
     root, _ = pets5
     folder, _ = tiny_model

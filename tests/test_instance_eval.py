@@ -135,3 +135,34 @@ def test_evaluate_folder_end_to_end(pets, tmp_path, tmp_path_factory):
     with pytest.raises(ValueError, match="cat or dog"):
         evaluate_folder(load_instance_model(ModelSpec.model_validate(
             {**spec.model_dump(), "classes": [{"id": 1, "name": "red"}]})), pets)
+
+
+def test_evaluate_folder_names_bad_photos_and_scores_the_rest(pets, tmp_path, tmp_path_factory):
+    """A truncated photo and a trimap of another size are named in ``errors``; the good photos are scored
+    exactly as in a folder without the bad ones."""
+    from PIL import Image
+
+    from tests.test_instances_blobmodel import blob_model_dir
+    from tests.test_train import make_pets_folder
+
+    spec = ModelSpec(name="blob-pets", kind="instance", source=str(blob_model_dir(tmp_path_factory)),
+                     source_format="savedmodel", classes=[{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}])
+    model = load_instance_model(spec)
+    good = ["Abyssinian_100", "american_bulldog_100"]
+    clean = make_pets_folder(tmp_path / "clean", good)
+    mixed = make_pets_folder(tmp_path / "mixed", good)
+    raw = (pets / "images" / "Bengal_100.jpg").read_bytes()
+    (mixed / "images" / "cut_cat_1.jpg").write_bytes(raw[: len(raw) // 3])
+    Image.open(pets / "trimaps" / "Bengal_100.png").save(mixed / "trimaps" / "cut_cat_1.png")
+    (mixed / "images" / "small_cat_2.jpg").symlink_to(pets / "images" / "Bengal_100.jpg")
+    Image.fromarray(np.full((20, 30), 1, np.uint8)).save(mixed / "trimaps" / "small_cat_2.png")
+    names = [*good, "cut_cat_1", "small_cat_2"]
+    res = evaluate_folder(model, mixed, names=names)
+    ref = evaluate_folder(model, clean, names=good)
+    assert (res.images, res.gt_instances) == (2, 2)
+    assert [e["name"] for e in res.errors] == ["cut_cat_1", "small_cat_2"]
+    assert "unreadable image" in res.errors[0]["error"] and "sizes differ" in res.errors[1]["error"]
+    assert (res.mask_ap, res.box_ap, res.detections) == (ref.mask_ap, ref.box_ap, ref.detections)
+    assert ref.errors == [] and res.to_json()["errors"] == res.errors
+    with pytest.raises(ValueError, match="none of the 2 photos"):
+        evaluate_folder(model, mixed, names=["cut_cat_1", "small_cat_2"])
