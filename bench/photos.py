@@ -46,7 +46,7 @@ def main() -> None:
 
     from adapters.photo import PhotoFormat
     from pipelines.registry import load
-    from pipelines.semantic import predict_multiscale, resize_bilinear, segment_items, tta_edges
+    from pipelines.semantic import predict_multiscale, resize_photo, segment_items, tta_edges
 
     model = load(args.model)
     spec = model.spec
@@ -65,7 +65,7 @@ def main() -> None:
             with fmt.open(str(p)) as src:
                 px = next(iter(src.items())).read().transpose(1, 2, 0).astype(np.float32) / 255.0
             for e in edges:
-                arrays[e].append(resize_bilinear(px, e, e))
+                arrays[e].append(resize_photo(px, e, e))
 
         def raw_batch(i: int) -> None:
             predict_multiscale(model.predict, {e: np.stack(v[i : i + args.batch]) for e, v in arrays.items()},

@@ -60,7 +60,7 @@ def make_predictor(
     as the spec says); ``multiscale`` likewise the spec's ``tta_sizes`` in resize mode (None: used unless
     ``tta`` is False).
     """
-    from pipelines.semantic import bilinear_matrix, predict_multiscale, resize_bilinear, tta_edges
+    from pipelines import semantic
 
     spec = model.spec
     mode = mode or spec.mode
@@ -69,7 +69,7 @@ def make_predictor(
     predict = model.forward(tta)
     if multiscale is None:
         multiscale = tta is not False
-    edges = tta_edges(s, spec.tta_sizes if multiscale else ())
+    edges = semantic.tta_edges(s, spec.tta_sizes if multiscale else ())
 
     def run(rgb: np.ndarray) -> np.ndarray:
         x = normalize(np.moveaxis(rgb[..., : spec.channels], -1, 0), spec.normalization)
@@ -78,9 +78,9 @@ def make_predictor(
             cfg = TilingConfig(tile=s, overlap=spec.overlap, batch_size=spec.batch_size, blend=spec.blend,
                                prefetch=0)
             return predict_array(x, predict, k, cfg)
-        p = predict_multiscale(predict, {e: resize_bilinear(x, e, e)[None] for e in edges}, s, k)[0]
-        p = np.einsum("pw,hwc->hpc", bilinear_matrix(w, s), p, optimize=True)
-        return np.tensordot(bilinear_matrix(h, s), p, axes=(1, 0)).astype(np.float32)
+        p = semantic.predict_multiscale(predict, {e: semantic.resize_photo(x, e, e)[None] for e in edges}, s, k)[0]
+        p = np.einsum("pw,hwc->hpc", semantic.bilinear_matrix(w, s), p, optimize=True)
+        return np.tensordot(semantic.bilinear_matrix(h, s), p, axes=(1, 0)).astype(np.float32)
 
     return run
 

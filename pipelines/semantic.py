@@ -30,6 +30,8 @@ __all__ = [
     "predict_multiscale",
     "tta_edges",
     "resize_bilinear",
+    "resize_photo",
+    "shrink_matrix",
     "segment_item",
     "segment_items",
 ]
@@ -292,6 +294,35 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(np.einsum("pw,hwc->hpc", mx, tmp, optimize=True), dtype=np.float32)
 
 
+def shrink_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """``(n_out, n_in) float32`` 1-D resampling matrix for photos: when shrinking, a triangle filter widened
+    by the ratio ``n_in / n_out`` (what ``tf.image.resize(..., "bilinear", antialias=True)`` and PIL's
+    bilinear reduce do), so each output pixel averages the input it covers; when enlarging, the same as
+    :func:`bilinear_matrix`.
+
+    A photo many times larger than the model's input (a phone's 4000 px against 192) sampled at two input
+    pixels per output pixel would hand the model aliased fur and sensor noise it never saw in training;
+    its training photos were downscaled with such a filter.
+    """
+    if n_out >= n_in:
+        return bilinear_matrix(n_out, n_in)
+    ratio = n_in / n_out
+    centre = (np.arange(n_out, dtype=np.float64) + 0.5) * ratio - 0.5
+    m = np.maximum(0.0, 1.0 - np.abs(np.arange(n_in, dtype=np.float64)[None, :] - centre[:, None]) / ratio)
+    # Rows are normalised over the pixels inside the image: the edge is neither darkened nor mirrored.
+    return (m / m.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def resize_photo(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``(H, W, C) float32`` -> ``(height, width, C) float32`` with :func:`shrink_matrix` on each axis:
+    antialiased when shrinking, bilinear when enlarging. For model inputs; probabilities are scaled back
+    with :func:`resize_bilinear`."""
+    my = shrink_matrix(height, image.shape[0])
+    mx = shrink_matrix(width, image.shape[1])
+    tmp = np.tensordot(my, image, axes=(1, 0))
+    return np.ascontiguousarray(np.einsum("pw,hwc->hpc", mx, tmp, optimize=True), dtype=np.float32)
+
+
 def tta_edges(size: int, extra_sizes: Sequence[int] = ()) -> list[int]:
     """The input edges of multi-scale test-time augmentation: ``size`` first, then the other sizes."""
     return [size, *(t for t in dict.fromkeys(extra_sizes) if t != size)]
@@ -346,7 +377,7 @@ def _run_resize(runs: Sequence[_ItemRun], model: LoadedModel) -> None:
             if run.whole_valid is not None:
                 x[~run.whole_valid] = 0.0
             for e in edges:
-                inputs[e].append(resize_bilinear(x, e, e))
+                inputs[e].append(resize_photo(x, e, e))
         try:
             probs = predict_multiscale(model.predict, {e: np.stack(v) for e, v in inputs.items()}, s,
                                        _num_classes(spec))

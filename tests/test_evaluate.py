@@ -59,12 +59,13 @@ def _run_eval(*args: str) -> dict:
 
 
 def _reference_scores(model, root: Path, names: list[str]) -> dict:
-    """Predictions computed independently with tf.image.resize, scored by pipelines.metrics."""
+    """Predictions computed independently with tf.image.resize (the photo antialiased, as the service shrinks
+    it), scored by pipelines.metrics."""
     cm = np.zeros((3, 3), np.int64)
     for n in names:
         rgb = np.asarray(Image.open(root / "images" / f"{n}.jpg").convert("RGB"), np.float32) / 255.0
         truth = np.asarray(Image.open(root / "trimaps" / f"{n}.png")).astype(np.int64) - 1
-        x = tf.image.resize(rgb[None], (32, 32), method="bilinear")
+        x = tf.image.resize(rgb[None], (32, 32), method="bilinear", antialias=True)
         p = tf.image.resize(model(x, training=False), truth.shape, method="bilinear")
         cm += confusion_matrix(truth, np.argmax(p.numpy()[0], -1), 3)
     return {"cm": cm, **scores(cm)}
@@ -115,7 +116,7 @@ def test_square_protocol_resizes_photo_and_trimap_before_scoring(pets5, tiny_mod
     for n in names:
         rgb = Image.open(root / "images" / f"{n}.jpg").convert("RGB").resize((48, 48), Image.BILINEAR)
         truth = np.asarray(Image.open(root / "trimaps" / f"{n}.png").resize((48, 48), Image.NEAREST)) - 1
-        x = tf.image.resize(np.asarray(rgb, np.float32)[None] / 255.0, (32, 32), method="bilinear")
+        x = tf.image.resize(np.asarray(rgb, np.float32)[None] / 255.0, (32, 32), method="bilinear", antialias=True)
         p = tf.image.resize(model(x, training=False), (48, 48), method="bilinear")
         cm += confusion_matrix(truth.astype(np.int64), np.argmax(p.numpy()[0], -1), 3)
     assert np.abs(np.array(report["confusion"]) - cm).sum() <= report["pixels"] * 1e-3
@@ -139,7 +140,7 @@ def test_through_degrades_the_photo_only_and_scores_on_the_native_trimap(pets5, 
         photo = Image.open(root / "images" / f"{n}.jpg").convert("RGB")
         soft = photo.resize((24, 24), Image.BILINEAR).resize(photo.size, Image.BILINEAR)
         truth = np.asarray(Image.open(root / "trimaps" / f"{n}.png")).astype(np.int64) - 1
-        x = tf.image.resize(np.asarray(soft, np.float32)[None] / 255.0, (32, 32), method="bilinear")
+        x = tf.image.resize(np.asarray(soft, np.float32)[None] / 255.0, (32, 32), method="bilinear", antialias=True)
         p = tf.image.resize(model(x, training=False), truth.shape, method="bilinear")
         cm += confusion_matrix(truth, np.argmax(p.numpy()[0], -1), 3)
     assert np.abs(np.array(report["confusion"]) - cm).sum() <= report["pixels"] * 1e-3
@@ -322,8 +323,8 @@ def test_tta_sizes_run_a_fixed_size_model_at_other_sizes(tmp_path, pets5, tiny_m
     rgb = np.asarray(Image.open(root / "images" / f"{names[0]}.jpg").convert("RGB"))
     h, w = rgb.shape[:2]
     x = rgb[None].astype(np.float32) / 255.0
-    probs = [tf.image.resize(np.asarray(anysize(tf.image.resize(x, (e, e)), training=False)), (32, 32))
-             for e in (32, 24, 48)]
+    probs = [tf.image.resize(np.asarray(anysize(tf.image.resize(x, (e, e), antialias=True), training=False)),
+                             (32, 32)) for e in (32, 24, 48)]
     ref = tf.image.resize(np.mean(probs, axis=0), (h, w)).numpy()[0]
     got = make_predictor(loaded)(rgb)
     np.testing.assert_allclose(got, ref, atol=1e-4)
