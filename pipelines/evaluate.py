@@ -70,6 +70,7 @@ def make_predictor(
     if multiscale is None:
         multiscale = tta is not False
     edges = semantic.tta_edges(s, spec.tta_sizes if multiscale else ())
+    shrink = semantic.input_resizer(spec)
 
     def run(rgb: np.ndarray) -> np.ndarray:
         x = normalize(np.moveaxis(rgb[..., : spec.channels], -1, 0), spec.normalization)
@@ -78,7 +79,7 @@ def make_predictor(
             cfg = TilingConfig(tile=s, overlap=spec.overlap, batch_size=spec.batch_size, blend=spec.blend,
                                prefetch=0)
             return predict_array(x, predict, k, cfg)
-        p = semantic.predict_multiscale(predict, {e: semantic.resize_photo(x, e, e)[None] for e in edges}, s, k)[0]
+        p = semantic.predict_multiscale(predict, {e: shrink(x, e, e)[None] for e in edges}, s, k)[0]
         p = np.einsum("pw,hwc->hpc", semantic.bilinear_matrix(w, s), p, optimize=True)
         return np.tensordot(semantic.bilinear_matrix(h, s), p, axes=(1, 0)).astype(np.float32)
 

@@ -47,6 +47,7 @@ __all__ = [
     "tile_windows",
     "to_coco_results",
     "to_uint8_rgb",
+    "shrink_to_fit",
     "unflip_detections",
 ]
 
@@ -125,9 +126,12 @@ class Detector:
     REQUIRED = ("detection_boxes", "detection_scores", "detection_classes")
 
     def __init__(self, obj: Any, source: str = "", *, tta: bool = False, zoom_out: Sequence[float] = (),
-                 zoom_min_area: float = 0.25) -> None:
+                 zoom_min_area: float = 0.25, max_side: int | None = None) -> None:
         self.obj = obj
         self.source = source
+        #: A view whose longer side exceeds this is shrunk to it (antialiased) before the graph sees it
+        #: (:attr:`pipelines.spec.ModelSpec.detector_size`); outputs are normalised, so nothing maps back.
+        self.max_side = max_side
         #: Flip test-time augmentation: run on the image and its mirror and fuse (:func:`fuse_detections`).
         self.tta = tta
         #: Zoom-out test-time augmentation (with ``tta``): also run on the image padded by each of these
@@ -178,6 +182,7 @@ class Detector:
     def _once(self, image: np.ndarray) -> Detections:
         import tensorflow as tf
 
+        image = shrink_to_fit(image, self.max_side)
         x = tf.convert_to_tensor(image[None])
         try:
             out = self._sig(**{self._input_name: x}) if self._sig is not None else self.obj(x)
@@ -199,6 +204,21 @@ class Detector:
             scores=scores[:n],
             masks=None if masks is None else np.asarray(masks, dtype=np.float32)[0, :n],
         )
+
+
+def shrink_to_fit(image: np.ndarray, max_side: int | None) -> np.ndarray:
+    """``(H, W, 3) uint8`` image with its longer side shrunk to ``max_side`` (aspect kept, antialiased with
+    :func:`pipelines.semantic.resize_photo`), or the image itself when it already fits or ``max_side`` is
+    None."""
+    h, w = image.shape[:2]
+    if max_side is None or max(h, w) <= max_side:
+        return image
+    from pipelines.semantic import resize_photo
+
+    scale = max_side / max(h, w)
+    sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+    small = resize_photo(image.astype(np.float32), sh, sw)
+    return np.clip(np.rint(small), 0, 255).astype(np.uint8)
 
 
 def unflip_detections(det: Detections) -> Detections:
@@ -359,7 +379,7 @@ def load_instance_model(spec: ModelSpec) -> LoadedModel:
     src = spec.resolve_source()
     return LoadedModel(spec=spec, predict=_not_semantic,
                        raw=Detector(load_hub(src), source=src, tta=spec.tta == "flip", zoom_out=spec.tta_zoom_out,
-                                    zoom_min_area=spec.tta_zoom_min_area),
+                                    zoom_min_area=spec.tta_zoom_min_area, max_side=spec.detector_size),
                        foreground=_foreground_fn(spec) if spec.refine is not None else None)
 
 

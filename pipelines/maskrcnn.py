@@ -700,8 +700,8 @@ def write_model_folder(folder: str | Path, cfg: MaskRCNNConfig, *, name: str = "
                 f"trained from scratch on SpaceNet tiles at {BUILDINGS_RES_M} m, {cfg.size} px tiles; "
                 "see MODEL_CARD.md."),
             classes=[ClassSpec(id=1, name="building", color=(255, 215, 0))],
-            channels=3, input_size=cfg.size, mode="tile", overlap=cfg.size // 4, batch_size=1,
-            ground_resolution_m=BUILDINGS_RES_M, score_threshold=score_threshold,
+            channels=3, input_size=cfg.size, detector_size=cfg.size, mode="tile", overlap=cfg.size // 4,
+            batch_size=1, ground_resolution_m=BUILDINGS_RES_M, score_threshold=score_threshold,
             max_detections=cfg.max_detections,
         )
         spec.to_file(folder / "spec.json")
@@ -712,7 +712,10 @@ def write_model_folder(folder: str | Path, cfg: MaskRCNNConfig, *, name: str = "
             f"tileseg's own Mask R-CNN ({cfg.backbone} + FPN, Model Garden), trained from scratch on the "
             f"oxford_pets training split at {cfg.size} px; see MODEL_CARD.md."),
         classes=[ClassSpec(id=i, name=n, color=CLASS_COLORS[i]) for i, n in CLASSES.items()],
-        channels=3, input_size=1024, mode="tile", overlap=128, batch_size=1,
+        # A photo is detected whole up to the largest tile a spec allows: a pet fills its photo, and tiles
+        # would cut it apart. The graph's own resize is point sampling, so larger photos are shrunk to its
+        # size with an antialiased filter first (detector_size).
+        channels=3, input_size=4096, detector_size=cfg.size, mode="tile", overlap=128, batch_size=1,
         score_threshold=score_threshold, max_detections=20,
     )
     spec.to_file(folder / "spec.json")

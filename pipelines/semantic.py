@@ -30,6 +30,7 @@ __all__ = [
     "predict_multiscale",
     "tta_edges",
     "resize_bilinear",
+    "input_resizer",
     "resize_photo",
     "shrink_matrix",
     "segment_item",
@@ -363,9 +364,15 @@ def _tiling_config(spec: ModelSpec) -> TilingConfig:
                         blend=spec.blend)
 
 
+def input_resizer(spec: ModelSpec) -> Callable[[np.ndarray, int, int], np.ndarray]:
+    """The spec's ``resize_filter``: :func:`resize_photo` (``antialias``) or :func:`resize_bilinear`."""
+    return resize_photo if spec.resize_filter == "antialias" else resize_bilinear
+
+
 def _run_resize(runs: Sequence[_ItemRun], model: LoadedModel) -> None:
     spec = model.spec
     s = spec.input_size
+    shrink = input_resizer(spec)
     edges = tta_edges(s, spec.tta_sizes)
     for start in range(0, len(runs), spec.batch_size):
         chunk = runs[start : start + spec.batch_size]
@@ -377,7 +384,7 @@ def _run_resize(runs: Sequence[_ItemRun], model: LoadedModel) -> None:
             if run.whole_valid is not None:
                 x[~run.whole_valid] = 0.0
             for e in edges:
-                inputs[e].append(resize_photo(x, e, e))
+                inputs[e].append(shrink(x, e, e))
         try:
             probs = predict_multiscale(model.predict, {e: np.stack(v) for e, v in inputs.items()}, s,
                                        _num_classes(spec))

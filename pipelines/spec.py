@@ -113,11 +113,23 @@ class ModelSpec(BaseModel):
     #: are averaged: multi-scale test-time augmentation, at the cost of one more model run per size. The
     #: model must accept any input size (a fully convolutional model saved with no fixed input shape).
     tta_sizes: list[int] = []
+    #: Semantic models in ``resize`` mode: how an image is shrunk to the input sizes. ``antialias`` averages
+    #: what each input pixel covers (:func:`pipelines.semantic.resize_photo`), so a photo many times the
+    #: input size does not alias; ``bilinear`` samples two pixels per axis
+    #: (:func:`pipelines.semantic.resize_bilinear`). Serve with the filter the model was trained with: a
+    #: model trained on bilinear-halved slices loses its thin structures to the softer filter. Enlarging is
+    #: bilinear either way.
+    resize_filter: Literal["antialias", "bilinear"] = "antialias"
     #: Instance models with ``tta`` ``flip``: zoom-out views, each the image padded by this fraction of its
     #: height and width on every side (and its mirror); fused with the flip views for detections covering
     #: at least ``tta_zoom_min_area`` of the image only (:class:`pipelines.instances.Detector`).
     tta_zoom_out: list[float] = []
     tta_zoom_min_area: float = Field(default=0.25, ge=0.0, le=1.0)
+    #: Instance models: the longer side, in pixels, the detector's own graph resizes its input to (256 for
+    #: the Model Garden exports trained here). A view larger than that is first shrunk to it with an
+    #: antialiased filter (:func:`pipelines.semantic.resize_photo`): detector graphs resize by point
+    #: sampling, which turns a large photo's fine detail into aliasing. None: views go in as they are.
+    detector_size: int | None = Field(default=None, ge=8, le=8192)
     #: Ground resolution the model was trained at, metres per pixel (rasters at other resolutions are
     #: resampled before inference and results returned on the input grid). None: use native pixels.
     ground_resolution_m: float | None = None

@@ -10,6 +10,7 @@ from adapters.base import Item, ItemInfo, Window
 from pipelines import registry
 from pipelines.instances import (
     Detections,
+    Detector,
     Instance,
     _rle_from_crop,
     coco_labels,
@@ -22,6 +23,7 @@ from pipelines.instances import (
     reframe_box_masks_to_image_masks,
     rle_area,
     rle_decode,
+    shrink_to_fit,
     tile_windows,
     to_coco_results,
     to_uint8_rgb,
@@ -177,6 +179,45 @@ def test_detect_image_through_saved_model(model):
     assert len(detect_image(model, img, max_detections=1)) == 1
     with pytest.raises(TypeError):
         model.predict(np.zeros((1, 8, 8, 3), np.float32))
+
+
+def test_shrink_to_fit_keeps_aspect_and_averages_fine_detail():
+    board = (np.indices((600, 300)).sum(0) % 2 * 200).astype(np.uint8)
+    img = np.repeat(board[..., None], 3, axis=2)
+    small = shrink_to_fit(img, 256)
+    assert small.shape == (256, 128, 3) and small.dtype == np.uint8
+    assert np.abs(small.astype(int) - 100).max() <= 3  # an even grey, not a sampled pattern
+    assert shrink_to_fit(img, None) is img and shrink_to_fit(img, 600) is img
+
+
+def test_detector_size_shrinks_large_views_before_the_graph(model, tmp_path):
+    """A photo 4x the detector's size: with ``detector_size`` the graph sees it at most that large and
+    antialiased, so a 1-px bright/black texture averages to a dim grey instead of becoming an object; boxes
+    and masks still land on the large photo's pixels."""
+    blobs = [("rect", 8, 10, 40, 50, RED), ("disk", 70, 90, 15, GREEN)]
+    small = blob_image(110, 130, blobs)
+    big = np.kron(small, np.ones((4, 4, 1), np.uint8))
+    big[300:420, 20:200] = (np.indices((120, 180)).sum(0) % 2 * 220)[..., None].astype(np.uint8)
+    truth = [np.kron(m, np.ones((4, 4), bool)) for m in blob_masks(110, 130, blobs)]
+    seen = []
+
+    def graph(x):
+        seen.append(tuple(x.shape))
+        return model.raw._sig(input_tensor=x)
+
+    plain = Detector(graph, "rec")(big)
+    assert seen[-1] == (1, 440, 520, 3) and len(plain.scores) == 3  # the texture is found as an object
+    shrunk = Detector(graph, "rec", max_side=130)(big)
+    assert seen[-1] == (1, 110, 130, 3)
+    assert sorted(shrunk.classes.tolist()) == [1, 2]
+
+    spec = model.spec.model_validate({**model.spec.model_dump(), "detector_size": 130})
+    found = detect_image(load_instance_model(spec), big)
+    assert [i.class_id for i in found] == [1, 2]
+    assert min(_match(found, truth)) > 0.9
+    np.testing.assert_allclose(found[0].box, 4 * np.asarray(detect_image(model, small)[0].box), atol=4)
+    with pytest.raises(ValueError):
+        ModelSpec.model_validate({**model.spec.model_dump(), "detector_size": 4})
 
 
 # ------------------------------------------------------------------------------------------------ tiling

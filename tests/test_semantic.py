@@ -238,6 +238,26 @@ def test_photo_resize_averages_detail_that_point_sampling_aliases():
     assert np.abs(sharp - 0.5).max() > 0.2
 
 
+def test_resize_filter_picks_how_the_service_shrinks_an_image():
+    """``resize_filter`` ``bilinear`` serves a model exactly as :func:`resize_bilinear` would feed it (a model
+    trained on such inputs); the default ``antialias`` as :func:`resize_photo`. On an image 4x the input
+    size the two give different masks."""
+    rng = np.random.default_rng(9)
+    item = ArrayItem(rng.integers(0, 256, (3, 64, 72)).astype(np.uint8))
+    got = {}
+    for flt, fn in (("bilinear", resize_bilinear), ("antialias", resize_photo)):
+        model, _ = _model(mode="resize", kernel=3, resize_filter=flt)
+        sink = ArraySink(64, 72)
+        segment_items([item], model, [sink])
+        x = fn(normalize(item.pixels, model.spec.normalization), 16, 16)
+        p = resize_bilinear(model.predict(x[None])[0], 64, 72)
+        np.testing.assert_array_equal(sink.classes, p.argmax(-1))
+        got[flt] = sink.classes
+    assert (got["bilinear"] != got["antialias"]).mean() > 0.05
+    with pytest.raises(ValueError):
+        _model(mode="resize", resize_filter="nearest")
+
+
 def test_resize_mode_batches_items_into_one_call_per_batch():
     rng = np.random.default_rng(7)
     shapes = [(20, 30), (16, 16), (9, 40), (33, 17), (16, 15)]
