@@ -409,7 +409,7 @@ def _dataset(cfg: MaskRCNNConfig, samples: Iterator[dict[str, np.ndarray]], task
     parser = maskrcnn_input.Parser(
         output_size=[cfg.size, cfg.size], min_level=m.min_level, max_level=m.max_level,
         num_scales=m.anchor.num_scales, aspect_ratios=m.anchor.aspect_ratios, anchor_size=m.anchor.anchor_size,
-        aug_rand_hflip=True, aug_scale_min=0.8, aug_scale_max=1.25, max_num_instances=cfg.max_instances,
+        aug_rand_hflip=True, aug_scale_min=AUG_SCALE_MIN, aug_scale_max=1.25, max_num_instances=cfg.max_instances,
         include_mask=True, mask_crop_size=112, dtype="float32",
     )
     sig = {
@@ -614,6 +614,16 @@ def recalibrate_batchnorm(model: Any, cfg: MaskRCNNConfig, *, batches: int = 20,
 # --------------------------------------------------------------------------------------------- export
 
 
+#: Smallest scale of the training parser's jitter: the graph learned from photos point-sampled down by up to
+#: 1 / AUG_SCALE_MIN, so the service hands it views at most that much larger than its input (detector_size).
+AUG_SCALE_MIN = 0.8
+
+
+def _detector_size(cfg: MaskRCNNConfig) -> int:
+    """The spec's ``detector_size``: the input size times the largest downscale the training parser used."""
+    return round(cfg.size / AUG_SCALE_MIN)
+
+
 def serving_preprocess(image: Any, size: int) -> tuple[Any, Any]:
     """The exported graph's input step: ``(H, W, 3) uint8`` -> normalised ``(size, size, 3) float32`` canvas
     and the parser's ``image_info`` ``(4, 2)``.
@@ -700,7 +710,7 @@ def write_model_folder(folder: str | Path, cfg: MaskRCNNConfig, *, name: str = "
                 f"trained from scratch on SpaceNet tiles at {BUILDINGS_RES_M} m, {cfg.size} px tiles; "
                 "see MODEL_CARD.md."),
             classes=[ClassSpec(id=1, name="building", color=(255, 215, 0))],
-            channels=3, input_size=cfg.size, detector_size=cfg.size, mode="tile", overlap=cfg.size // 4,
+            channels=3, input_size=cfg.size, detector_size=_detector_size(cfg), mode="tile", overlap=cfg.size // 4,
             batch_size=1, ground_resolution_m=BUILDINGS_RES_M, score_threshold=score_threshold,
             max_detections=cfg.max_detections,
         )
@@ -713,9 +723,9 @@ def write_model_folder(folder: str | Path, cfg: MaskRCNNConfig, *, name: str = "
             f"oxford_pets training split at {cfg.size} px; see MODEL_CARD.md."),
         classes=[ClassSpec(id=i, name=n, color=CLASS_COLORS[i]) for i, n in CLASSES.items()],
         # A photo is detected whole up to the largest tile a spec allows: a pet fills its photo, and tiles
-        # would cut it apart. The graph's own resize is point sampling, so larger photos are shrunk to its
-        # size with an antialiased filter first (detector_size).
-        channels=3, input_size=4096, detector_size=cfg.size, mode="tile", overlap=128, batch_size=1,
+        # would cut it apart. The graph's own resize is point sampling, so larger photos are shrunk with an
+        # antialiased filter first (detector_size).
+        channels=3, input_size=4096, detector_size=_detector_size(cfg), mode="tile", overlap=128, batch_size=1,
         score_threshold=score_threshold, max_detections=20,
     )
     spec.to_file(folder / "spec.json")

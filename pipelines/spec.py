@@ -125,10 +125,12 @@ class ModelSpec(BaseModel):
     #: at least ``tta_zoom_min_area`` of the image only (:class:`pipelines.instances.Detector`).
     tta_zoom_out: list[float] = []
     tta_zoom_min_area: float = Field(default=0.25, ge=0.0, le=1.0)
-    #: Instance models: the longer side, in pixels, the detector's own graph resizes its input to (256 for
-    #: the Model Garden exports trained here). A view larger than that is first shrunk to it with an
-    #: antialiased filter (:func:`pipelines.semantic.resize_photo`): detector graphs resize by point
-    #: sampling, which turns a large photo's fine detail into aliasing. None: views go in as they are.
+    #: Instance models: the longest side, in pixels, of a view given to the detector's graph. A larger view
+    #: is first shrunk to it with an antialiased filter (:func:`pipelines.semantic.resize_photo`): detector
+    #: graphs resize by point sampling, which turns a large photo's fine detail into aliasing. Set it to the
+    #: graph's input size times the largest downscale its training saw (320 for the 256 px Model Garden
+    #: exports trained here, whose parser scaled photos by 0.8-1.25); within that range the graph's own
+    #: resize is what the model learned from. None: views go in as they are.
     detector_size: int | None = Field(default=None, ge=8, le=8192)
     #: Ground resolution the model was trained at, metres per pixel (rasters at other resolutions are
     #: resampled before inference and results returned on the input grid). None: use native pixels.
