@@ -678,24 +678,18 @@ def export(checkpoint: str | Path, spec: ModelSpec, export_dir: str | Path) -> M
 # --------------------------------------------------------------------------------------------- evaluation
 
 
-def _report(confusion: np.ndarray, per_image: dict, errors: list[dict[str, str]], *, names: Sequence[str]) -> dict:
+def _evaluate_each(image_names: Sequence[str], class_names: Sequence[str],
+                   score_one: Callable[[str], SemanticResult]) -> dict:
+    """Scores summed over the images ``score_one`` segments, with per-image Dice/IoU and ``errors``
+    (``[{"name", "error"}]``) for those that could not be read: one bad file costs its own image only.
+    Raises :class:`AdapterError` when none could."""
     from pipelines.metrics import scores
 
-    s = scores(confusion)
-    for c in s["per_class"]:
-        c["name"] = names[c["class_id"]]
-    return {**s, "confusion": confusion.tolist(), "images": len(per_image), "per_image": per_image,
-            "errors": errors}
-
-
-def _score_each(names: Sequence[str], num_classes: int,
-                score_one: Callable[[str], SemanticResult]) -> tuple[np.ndarray, dict, list[dict[str, str]]]:
-    """Summed ``(K, K)`` confusion, per-image Dice/IoU and ``[{"name", "error"}]`` for the images that could
-    not be read: one bad file costs its own image only. Raises :class:`AdapterError` when none could."""
-    total = np.zeros((num_classes, num_classes), np.int64)
+    k = len(class_names)
+    total = np.zeros((k, k), np.int64)
     per_image: dict[str, dict] = {}
     errors: list[dict[str, str]] = []
-    for name in names:
+    for name in image_names:
         try:
             res = score_one(name)
         except (AdapterError, OSError) as e:
@@ -706,7 +700,10 @@ def _score_each(names: Sequence[str], num_classes: int,
         per_image[name] = {f.name: {"dice": f.dice, "iou": f.iou} for f in res.figures}
     if errors and not per_image:
         raise AdapterError(f"none of the {len(errors)} images could be scored; the first: {errors[0]['error']}")
-    return total, per_image, errors
+    s = scores(total)
+    for c in s["per_class"]:
+        c["name"] = class_names[c["class_id"]]
+    return {**s, "confusion": total.tolist(), "images": len(per_image), "per_image": per_image, "errors": errors}
 
 
 def evaluate_buildings(model_dir: str | Path, names: Sequence[str] = RIO_SPLIT["test"],
@@ -736,7 +733,7 @@ def evaluate_buildings(model_dir: str | Path, names: Sequence[str] = RIO_SPLIT["
             src.close()
         return res
 
-    return _report(*_score_each(names, len(model.spec.classes), score_one), names=model.spec.class_names)
+    return _evaluate_each(names, model.spec.class_names, score_one)
 
 
 def evaluate_ct(model_dir: str | Path, names: Sequence[str] = CT_SPLIT["test"],
@@ -754,4 +751,4 @@ def evaluate_ct(model_dir: str | Path, names: Sequence[str] = CT_SPLIT["test"],
         item, label = read_ct_slice(root, name)
         return segment_item(item, model, ArraySink(item.info.height, item.info.width), ground_truth=label)
 
-    return _report(*_score_each(names, len(model.spec.classes), score_one), names=model.spec.class_names)
+    return _evaluate_each(names, model.spec.class_names, score_one)

@@ -159,7 +159,7 @@ class Detector:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"detector input must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
         if not (self.tta if tta is None else tta):
-            return self._once(image)
+            return self._once(shrink_to_fit(image, self.max_side))
         base = self._both_ways(image)
         near = fuse_views(base)
         if not self.zoom_out:
@@ -175,14 +175,15 @@ class Detector:
                        _subset(far, box_areas(far.boxes) >= self.zoom_min_area))
 
     def _both_ways(self, image: np.ndarray) -> list[Detections]:
-        """Detections of ``image`` and of its mirror (mapped back)."""
+        """Detections of ``image`` and of its mirror (mapped back). A view larger than ``max_side`` is shrunk
+        once for both: the filter is symmetric, so the mirror of the shrunk view is the shrunk mirror."""
+        image = shrink_to_fit(image, self.max_side)
         mirrored = self._once(np.ascontiguousarray(image[:, ::-1]))
         return [self._once(image), unflip_detections(mirrored)]
 
     def _once(self, image: np.ndarray) -> Detections:
         import tensorflow as tf
 
-        image = shrink_to_fit(image, self.max_side)
         x = tf.convert_to_tensor(image[None])
         try:
             out = self._sig(**{self._input_name: x}) if self._sig is not None else self.obj(x)

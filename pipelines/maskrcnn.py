@@ -67,6 +67,11 @@ CLASS_COLORS: dict[int, tuple[int, int, int]] = {1: (242, 140, 60), 2: (60, 140,
 # --------------------------------------------------------------------------------------------- config
 
 
+#: Smallest scale of the training parser's jitter: the graph learned from photos point-sampled down by up to
+#: 1 / AUG_SCALE_MIN, so the service hands it views at most that much larger than its input (detector_size).
+AUG_SCALE_MIN = 0.8
+
+
 @dataclass
 class MaskRCNNConfig:
     """Everything a training run needs; saved as ``config.json`` in the run folder."""
@@ -612,11 +617,6 @@ def recalibrate_batchnorm(model: Any, cfg: MaskRCNNConfig, *, batches: int = 20,
 
 
 # --------------------------------------------------------------------------------------------- export
-
-
-#: Smallest scale of the training parser's jitter: the graph learned from photos point-sampled down by up to
-#: 1 / AUG_SCALE_MIN, so the service hands it views at most that much larger than its input (detector_size).
-AUG_SCALE_MIN = 0.8
 
 
 def _detector_size(cfg: MaskRCNNConfig) -> int:
