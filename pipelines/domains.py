@@ -168,6 +168,10 @@ def resample_pixels(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.einsum("hy,cyx,wx->chw", my, x, mx, optimize=True).astype(np.float32)
 
 
+#: Pixels a resampled raster (before or after) may have: :class:`ResampledItem` holds it whole in memory.
+_RESAMPLE_MAX_PIXELS = 8192 * 8192
+
+
 def _resampled_shape(info: ItemInfo, scale: float) -> tuple[int, int]:
     return max(1, round(info.height * scale)), max(1, round(info.width * scale))
 
@@ -181,16 +185,16 @@ class ResampledItem(Item):
 
     streamable = False
 
-    def __init__(self, base: Item, scale: float, max_pixels: int = 8192 * 8192) -> None:
-        if base.info.height * base.info.width > max_pixels:
+    def __init__(self, base: Item, scale: float, max_pixels: int = _RESAMPLE_MAX_PIXELS) -> None:
+        h, w = _resampled_shape(base.info, scale)
+        if max(base.info.height * base.info.width, h * w) > max_pixels:
             raise AdapterError(
-                f"{getattr(base, 'path', 'item')}: {base.info.width}x{base.info.height} is too large to "
-                f"resample in memory (limit {max_pixels:,} pixels)"
+                f"{getattr(base, 'path', 'item')}: {base.info.width}x{base.info.height} resampled to {w}x{h} "
+                f"is too large to hold in memory (limit {max_pixels:,} pixels)"
             )
         self.base, self.scale = base, scale
         self.key, self.group = base.key, base.group
         self.path = getattr(base, "path", None)
-        h, w = _resampled_shape(base.info, scale)
         bi = base.info
         sy, sx = bi.height / h, bi.width / w
         transform = None
@@ -307,6 +311,15 @@ def segment_at_model_resolution(
     if target is None or src is None or abs(src / target - 1.0) <= tolerance:
         return segment_item(item, model, sink, ground_truth=ground_truth), None
     scale = src / target
+    h, w = _resampled_shape(item.info, scale)
+    if h * w > _RESAMPLE_MAX_PIXELS:
+        # A 300 m scene at a 0.5 m model's resolution is 600x larger per side: refuse it before allocating.
+        raise AdapterError(
+            f"{getattr(item, 'path', None) or 'item'}: ground resolution {src:.3g} m is {scale:.3g}x the "
+            f"{target} m model {spec.name} was trained at; resampled to it, the "
+            f"{item.info.width}x{item.info.height} raster would be {w}x{h} pixels (limit "
+            f"{_RESAMPLE_MAX_PIXELS:,}). Use a model made for this resolution or a smaller extent"
+        )
     view = ResampledItem(item, scale)
     h, w = view.info.height, view.info.width
     num_classes = max(c.id for c in spec.classes) + 1

@@ -224,6 +224,30 @@ def test_buildings_model_resamples_a_finer_raster(tmp_path):
     assert total == pytest.approx(153.6 * 153.6, rel=0.01)
 
 
+def test_a_raster_far_coarser_than_the_model_is_refused_before_allocating(tmp_path):
+    """RGB.byte.tif has 300 m pixels; at buildings-rgb's 0.5 m it would be 474,000 x 431,000 pixels (2 TiB of
+    float32): the item is refused with the resolutions in the message, nothing is written to the sink."""
+    import tracemalloc
+
+    from adapters.base import AdapterError
+    from adapters.geotiff import GeoTiffFormat
+
+    model = _load("buildings-rgb")
+    fmt = GeoTiffFormat()
+    with fmt.open(str(need("geotiff_samples", "RGB.byte.tif"))) as src:
+        item = next(iter(src.items()))
+        sink = fmt.semantic_sink(item, tmp_path, model.spec.class_names, model.spec.colors)
+        tracemalloc.start()
+        with pytest.raises(AdapterError, match=r"ground resolution 300 m is 600x the 0.5 m model buildings-rgb") as e:
+            d.segment_at_model_resolution(item, model, sink)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert "RGB.byte.tif" in str(e.value) and "791x718 raster would be 474" in str(e.value)
+    assert peak < 50 * 2**20
+    with pytest.raises(AdapterError, match="too large to hold in memory"):
+        d.ResampledItem(item, 20.0)
+
+
 def test_ct_model_finds_liver_on_held_out_slice(tmp_path):
     from adapters.dicom import DicomFormat
     from pipelines.semantic import segment_item
