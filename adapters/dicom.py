@@ -176,6 +176,22 @@ def _int_or_none(v: Any) -> int | None:
         return None
 
 
+#: Modalities of DICOM objects that are not images to segment, though a SEG carries pixel data.
+_NON_IMAGE_MODALITIES = ("SEG", "RTSTRUCT", "RTPLAN", "SR", "PR", "KO", "REG")
+_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def _non_image_object(ds: Dataset) -> str | None:
+    """The modality of a non-image object (a segmentation, structure set, report...), else None."""
+    modality = str(ds.get("Modality", "")).upper()
+    sop_class = _uid(ds, "SOPClassUID") or _uid(ds.file_meta, "MediaStorageSOPClassUID")
+    if modality in _NON_IMAGE_MODALITIES:
+        return modality
+    if sop_class == _SEGMENTATION_STORAGE:
+        return "SEG"
+    return None
+
+
 def _check_image(ds: Dataset, name: str, max_pixels: int) -> None:
     """Raise for headers we cannot decode: no pixel data, bad geometry, bomb, truncated native data."""
     if "PixelData" not in ds:
@@ -618,11 +634,9 @@ def _open_folder(root: Path, max_pixels: int) -> DicomSource:
             else:
                 skipped += 1
             continue
-        sop_class = _uid(ds, "SOPClassUID") or _uid(ds.file_meta, "MediaStorageSOPClassUID")
-        if str(ds.get("Modality", "")).upper() in ("SEG", "RTSTRUCT", "SR", "PR", "KO") or sop_class == (
-            "1.2.840.10008.5.1.4.1.1.66.4"
-        ):
-            warns.append(f"{rel}: skipped ({ds.get('Modality') or 'non-image'} object, not an image)")
+        kind = _non_image_object(ds)
+        if kind:
+            warns.append(f"{rel}: skipped ({kind} object, not an image)")
             continue
         if "PixelData" not in ds and "Rows" not in ds:
             warns.append(f"{rel}: skipped (no pixel data: not an image object)")
@@ -1017,6 +1031,10 @@ class DicomFormat(Format):
         if not p.is_file():
             raise AdapterError(f"{path}: no such file or folder")
         ds = _read_header(p)
+        kind = _non_image_object(ds)
+        if kind:
+            # A SEG has frames of pixel data, but they are labels: segmenting them as CT would give nonsense.
+            raise AdapterError(f"{p.name}: a DICOM {kind} object, not an image to segment")
         _check_image(ds, p.name, max_pixels)
         return DicomSource(str(p), list(_single_file_items(p, ds, _FrameCache())), [])
 

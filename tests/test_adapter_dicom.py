@@ -304,6 +304,16 @@ def test_folder_with_bad_file_keeps_the_rest(tmp_path):
     assert any("seg.dcm: skipped" in w for w in src.warnings)
 
 
+def test_a_lone_segmentation_or_structure_set_is_refused_not_segmented(tmp_path):
+    """A DICOM SEG has frames of pixel data, but they are labels; opened alone it is refused, as in a folder."""
+    seg = need(LABELED / "dicom_seg" / "liver_seg.dcm")
+    with pytest.raises(AdapterError, match="liver_seg.dcm: a DICOM SEG object, not an image to segment"):
+        DicomFormat().open(str(seg))
+    rt = need(LABELED.parent / "ct_phantom_rtstruct_rtutils" / "rt.dcm")
+    with pytest.raises(AdapterError, match="rt.dcm: a DICOM RTSTRUCT object"):
+        DicomFormat().open(str(rt))
+
+
 def test_folder_without_images(tmp_path):
     (tmp_path / "README.txt").write_text("nothing here")
     with pytest.raises(AdapterError, match="no DICOM images"):
