@@ -311,6 +311,7 @@ def _print_results(d: dict[str, Any]) -> None:
                 else f"{m['class_name']} {100 * (m['fraction'] or 0):.1f}%" for m in top)
         t.add_row(str(it["seq"]), name, str(it["meta"].get("model", "-")), it["status"], detail)
     con.print(t)
+    _print_warnings(d["items"])
     # Full paths, one per line and never wrapped or cut, so they can be copied.
     click.echo("outputs:")
     for it in d["items"]:
@@ -320,6 +321,21 @@ def _print_results(d: dict[str, Any]) -> None:
         click.echo(f"  {it['seq']} {name}")
         for kind, uri in sorted(it["artifacts"].items()):
             click.echo(f"      {kind:<18} {uri}")
+
+
+def _print_warnings(items: list[dict[str, Any]]) -> None:
+    """Each distinct item warning once, with the items it concerns (a series repeats one per slice)."""
+    by_text: dict[str, list[str]] = {}
+    for it in items:
+        name = f"{it['seq']} " + Path(it["source"]).name + (f" [{it['key']}]" if it["key"] else "")
+        for w in it["meta"].get("warnings") or []:
+            by_text.setdefault(w, []).append(name)
+    if not by_text:
+        return
+    click.echo("warnings:")
+    for text, names in by_text.items():
+        where = names[0] if len(names) == 1 else f"{len(names)} items, {names[0]} ... {names[-1]}"
+        click.echo(f"  {where}: {text}")
 
 
 @main.command()

@@ -49,6 +49,8 @@ def test_run_mixed_batch(tiny_models: Path, photo_dir: Path, tmp_path: Path) -> 
     geo = by_name["rio_img64.tif"]
     assert geo["format"] == "geotiff" and "class_raster" in geo["artifacts"]
     assert by_name["CT_small.dcm"]["format"] == "dicom"
+    # Each input got its kind's default model, so no item is flagged as run by a model made for another.
+    assert not [w for i in ok for w in i["meta"].get("warnings", []) if "was made for" in w]
 
     # Every artifact exists and matches its stored checksum; per-item figures cover every valid pixel.
     import sqlalchemy as sa
@@ -107,6 +109,27 @@ def test_ground_truth_gives_dice(tiny_models: Path, tmp_path: Path) -> None:
     assert metrics[0]["dice"] == pytest.approx(2 * frac0 / (1 + frac0), abs=1e-6)
     job0 = {c["class_id"]: c for c in out["classes"]}[0]
     assert job0["iou"] == pytest.approx(frac0, abs=1e-6)
+
+
+def test_a_model_made_for_another_input_kind_runs_with_a_warning(tiny_models: Path, tmp_path: Path) -> None:
+    """`--pipeline tiny-ct` on a photo: the user asked for it, so it runs, but the item says what it was made
+    for, in JSON and in the human report; the DICOM item, which fits, carries no such warning."""
+    import numpy as np
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    img = tmp_path / "cat.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(img)
+    proc = run_cli("run", str(img), get_testdata_file("CT_small.dcm"), "--pipeline", "tiny-ct", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["status"] == "succeeded"
+    by_name = {Path(i["source"]).name: i for i in out["items"]}
+    note = "model tiny-ct was made for dicom inputs, this is a photo input"
+    assert any(note in w for w in by_name["cat.png"]["meta"]["warnings"])
+    assert not any("was made for" in w for w in by_name["CT_small.dcm"]["meta"].get("warnings", []))
+    human = run_cli("results", out["id"])
+    assert "warnings:" in human.stdout and note in human.stdout and "cat.png" in human.stdout
 
 
 def test_unknown_pipeline_is_refused(tiny_models: Path, photo_dir: Path) -> None:

@@ -166,6 +166,7 @@ def process_items(item_ids: Sequence[uuid.UUID]) -> bool:
             for t in started:
                 done_job |= _fail(t[0], job_id, f"model {model_name!r} cannot be loaded: {exc}")
             continue
+        started = [_with_fit_note(t, model.spec) for t in started]
         if model.spec.kind == "semantic" and model.spec.mode == "resize" and len(started) > 1:
             done_job |= _run_semantic_batch(job_id, started, model, options)
         else:
@@ -176,6 +177,28 @@ def process_items(item_ids: Sequence[uuid.UUID]) -> bool:
         with session_scope() as session:
             done_job = jobs.job_complete(session, job_id)
     return done_job
+
+
+def model_fit_note(spec: Any, fmt: str | None) -> str | None:
+    """A warning when a job's pipeline names a model made for another kind of input (None when it fits).
+
+    "Made for" is the spec's ``default_for``; a model that is no kind's default (e.g. a user's) gets none.
+    The item still runs, since the user asked for that model, but a CT window on a photo or a pets model
+    on a CT slice gives results that mean little, and the item's record should say so.
+    """
+    if not spec.default_for or not fmt or fmt in spec.default_for:
+        return None
+    return (f"model {spec.name} was made for {' / '.join(spec.default_for)} inputs, this is a {fmt} input: "
+            "read its results with care")
+
+
+def _with_fit_note(t: tuple, spec: Any) -> tuple:
+    note = model_fit_note(spec, t[3])
+    if note is None:
+        return t
+    meta = dict(t[5])
+    meta["warnings"] = [*meta.get("warnings", []), note]
+    return (*t[:5], meta)
 
 
 def _artifact_key(job_id: uuid.UUID, item_id: uuid.UUID, name: str) -> str:
