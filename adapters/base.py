@@ -11,6 +11,7 @@ Adding a format means adding one module that defines a :class:`Format` and regis
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = [
     "Window",
     "full_window",
     "part_key",
+    "safe_stem",
     "split_key",
 ]
 
@@ -40,6 +42,28 @@ __all__ = [
 #: pixel buffer is allocated, so decompression bombs fail fast. Rasters larger than this are still fine
 #: when they are read window by window (see ``Item.streamable``).
 DEFAULT_MAX_PIXELS = 40_000 * 40_000
+
+
+#: Longest output file-name stem, in UTF-8 bytes: suffixes such as ``_confidence.partial.tif`` must still fit
+#: the 255-byte name limit of common file systems.
+MAX_STEM_BYTES = 120
+
+_UNSAFE_NAME = re.compile(r"[^\w.-]+")
+
+
+def safe_stem(name: str, default: str = "item") -> str:
+    """``name`` made safe as a file-name stem for outputs: runs of anything but letters, digits (any script),
+    ``_``, ``.`` and ``-`` become ``_`` (no separators, spaces, quotes or control characters, so the name
+    also travels in a Content-Disposition header), and names longer than :data:`MAX_STEM_BYTES` are cut and
+    end in a hash of the whole name."""
+    stem = _UNSAFE_NAME.sub("_", name).strip("._") or default
+    raw = stem.encode()
+    if len(raw) <= MAX_STEM_BYTES:
+        return stem
+    import hashlib
+
+    digest = hashlib.sha1(raw).hexdigest()[:10]
+    return raw[: MAX_STEM_BYTES - 11].decode(errors="ignore") + "-" + digest
 
 
 class AdapterError(Exception):

@@ -40,6 +40,7 @@ from adapters.base import (
     Source,
     UnsupportedInput,
     Window,
+    safe_stem,
 )
 
 __all__ = [
@@ -116,7 +117,7 @@ def output_stem(item: Item) -> str:
     stem = Path(str(getattr(item, "path", "") or "item").rstrip("/")).stem or "item"
     # Keys may hold '/', ':' or '=' (series paths, row ranges of split rasters): keep file names plain.
     key = re.sub(r"[^A-Za-z0-9._-]+", "-", getattr(item, "key", "")).strip("-")
-    return f"{stem}_{key}" if key else stem
+    return safe_stem(f"{stem}_{key}" if key else stem)
 
 
 # --------------------------------------------------------------------------------------------- decoding

@@ -8,6 +8,7 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
@@ -287,7 +288,7 @@ def download(job_id: uuid.UUID, item_id: uuid.UUID, kind: str, owner: Owner) -> 
         return FileResponse(local, media_type=art["media_type"], filename=filename)
     fh = store.open(art["uri"])
     return StreamingResponse(iter(lambda: fh.read(1 << 20), b""), media_type=art["media_type"],
-                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+                             headers={"Content-Disposition": f"attachment; filename*=utf-8''{quote(filename)}"})
 
 
 _include_optional_routers()

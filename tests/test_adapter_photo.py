@@ -182,6 +182,30 @@ def test_semantic_sink_palette_mask_and_overlay(tmp_path, fmt):
     assert (ov[27, 5] == 100).all()  # no data: not painted
 
 
+def test_hostile_and_long_file_names_give_writable_output_names(tmp_path, fmt):
+    """A valid photo whose name has a newline, quotes and 245 characters is segmented like any other: its
+    outputs get a plain stem (other scripts kept) that fits the 255-byte name limit with every suffix."""
+    from adapters.base import MAX_STEM_BYTES, safe_stem
+
+    names = ["a" * 245 + ".png", 'ünï cødé "x"\nb.png', "日本語の猫" * 15 + ".png"]
+    stems = []
+    for name in names:
+        p = tmp_path / name
+        Image.fromarray(np.full((8, 8, 3), 50, np.uint8)).save(p, format="PNG")
+        src, item = _open_one(fmt, p)
+        with src:
+            sink = fmt.semantic_sink(item, tmp_path / "out" / str(len(stems)), NAMES, COLORS)
+            sink.write(Window(0, 0, 8, 8), np.zeros((8, 8), np.uint8), np.ones((8, 8), np.float32))
+            arts = sink.close()
+        assert {a.kind for a in arts} == {"mask_png", "overlay"} and all(a.path.is_file() for a in arts)
+        stem = arts[0].path.name.rsplit("_", 1)[0]
+        assert len(stem.encode()) <= MAX_STEM_BYTES and not set(stem) & set(" \n\"/\\")
+        stems.append(stem)
+    assert stems[1] == "ünï_cødé_x_b"
+    assert stems[2].startswith("日本語の猫") and stems[0] != safe_stem("a" * 246)  # cut, but by a hash of all
+    assert safe_stem("../..") == "item" and safe_stem("Abyssinian_1") == "Abyssinian_1"
+
+
 def test_blend_overlay_rejects_shape_mismatch():
     with pytest.raises(ValueError):
         blend_overlay(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5), np.uint8), COLORS)

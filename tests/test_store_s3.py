@@ -51,8 +51,9 @@ def test_job_with_s3_inputs_and_outputs(s3: dict, tiny_models: Path, photo_dir: 
 
     fs = fsspec.filesystem("s3", **s3)
     fs.mkdir("inbox")
-    for f in sorted(photo_dir.glob("*.jpg"))[:2]:
-        fs.put_file(str(f), f"inbox/photos/{f.name}")
+    first, second = sorted(photo_dir.glob("*.jpg"))[:2]
+    fs.put_file(str(first), f"inbox/photos/{first.name}")
+    fs.put_file(str(second), "inbox/photos/chat noir \"été\".jpg")  # a name that needs quoting in HTTP
     env = {**os.environ, "TILESEG_ARTIFACT_URL": "s3://outbox/tileseg", "TILESEG_STORAGE_OPTIONS": json.dumps(s3)}
     proc = subprocess.run([sys.executable, "-m", "core.cli", "run", "s3://inbox/photos", "--json"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
@@ -64,4 +65,25 @@ def test_job_with_s3_inputs_and_outputs(s3: dict, tiny_models: Path, photo_dir: 
         for uri in it["artifacts"].values():
             assert uri.startswith("s3://outbox/tileseg/jobs/") and fs.size(uri) > 0
     monkeypatch.setenv("TILESEG_ARTIFACT_URL", "s3://outbox/tileseg")
+    monkeypatch.setenv("TILESEG_STORAGE_OPTIONS", json.dumps(s3))
     reset_all()
+
+    # The API streams artifacts that are not on local disk; the file name travels RFC 6266-encoded.
+    from urllib.parse import quote
+
+    from fastapi.testclient import TestClient
+
+    from api.app import app
+    from core.db import session_scope
+    from core.tokens import create_token
+
+    with session_scope() as s:
+        _, token = create_token(s, "alice", admin=True)
+    client = TestClient(app, headers={"Authorization": f"Bearer {token}"})
+    it = next(i for i in out["items"] if "été" in i["source"])
+    r = client.get(f"/jobs/{out['id']}/items/{it['id']}/artifacts/mask_png")
+    assert r.status_code == 200, r.text
+    name = it["artifacts"]["mask_png"].rsplit("/", 1)[1]
+    assert name == "chat_noir_été_mask.png"
+    assert r.headers["content-disposition"] == f"attachment; filename*=utf-8''{quote(name)}"
+    assert r.content == fs.cat_file(it["artifacts"]["mask_png"])
