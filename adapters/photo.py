@@ -107,9 +107,12 @@ def blend_overlay(
         lut[i] = c
         paint[i] = i not in (skip or set())
     sel = paint[classes]
-    out = rgb.astype(np.float32)
-    out[sel] = (1.0 - alpha) * out[sel] + alpha * lut[classes[sel]]
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    out = np.array(rgb, dtype=np.uint8, copy=True)
+    # Only painted pixels are converted to float: on a camera photo most are background, and a full-size
+    # float32 copy costs more than the blend itself.
+    blended = (1.0 - alpha) * rgb[sel].astype(np.float32) + alpha * lut[classes[sel]]
+    out[sel] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return out
 
 
 def output_stem(item: Item) -> str:

@@ -2,9 +2,11 @@
 resize back, write palette mask + overlay PNGs) vs the model's raw batched predict on the same images already
 decoded and resized in memory, measured in the same run.
 
-    nice -n 10 .venv/bin/python bench/photos.py [--count 1000] [--batch 16]
+    nice -n 10 .venv/bin/python bench/photos.py [--count 1000] [--batch 16] [--megapixels 12]
 
-The photos are the repository's sample pets, re-encoded with small random crops so each file differs.
+The photos are the repository's sample pets, re-encoded with small random crops so each file differs;
+``--megapixels M`` enlarges each crop (Lanczos) to about M megapixels first, the size of a camera's photo,
+where decoding, the antialiased shrink, scaling the probabilities back and the PNG outputs weigh more.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from PIL import Image
 SAMPLES = ROOT / "samples" / "photos"
 
 
-def make_photos(folder: Path, count: int, seed: int = 0) -> list[Path]:
+def make_photos(folder: Path, count: int, seed: int = 0, megapixels: float | None = None) -> list[Path]:
     rng = np.random.default_rng(seed)
     sources = [Image.open(p).convert("RGB") for p in sorted(SAMPLES.glob("*.jpg"))]
     paths = []
@@ -31,6 +33,9 @@ def make_photos(folder: Path, count: int, seed: int = 0) -> list[Path]:
         w, h = im.size
         dx, dy = int(rng.integers(0, w // 8)), int(rng.integers(0, h // 8))
         crop = im.crop((dx, dy, w - int(rng.integers(0, w // 8)), h - int(rng.integers(0, h // 8))))
+        if megapixels:
+            f = (megapixels * 1e6 / (crop.width * crop.height)) ** 0.5
+            crop = crop.resize((round(crop.width * f), round(crop.height * f)), Image.LANCZOS)
         p = folder / f"photo_{n:05d}.jpg"
         crop.save(p, quality=90)
         paths.append(p)
@@ -42,6 +47,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--model", default="unet-pets")
+    ap.add_argument("--megapixels", type=float, default=None, help="enlarge each photo to about this size")
     args = ap.parse_args()
 
     from adapters.photo import PhotoFormat
@@ -52,7 +58,7 @@ def main() -> None:
     spec = model.spec
     tmp = Path(tempfile.mkdtemp(prefix="tileseg-bench-photos-"))
     try:
-        paths = make_photos(tmp, args.count)
+        paths = make_photos(tmp, args.count, megapixels=args.megapixels)
         fmt = PhotoFormat()
         out = tmp / "out"
         out.mkdir()
@@ -95,7 +101,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     n = args.count
-    append_result(f"Photo batch: {n} JPEGs through {args.model}", [
+    size = f" of about {args.megapixels:g} Mpx" if args.megapixels else ""
+    append_result(f"Photo batch: {n} JPEGs{size} through {args.model}", [
         f"model: {spec.name}, input {spec.input_size}x{spec.input_size}, mode {spec.mode}, tta {spec.tta}, "
         f"extra sizes {spec.tta_sizes or 'none'}, batch {args.batch}",
         f"raw batched predict on decoded, resized arrays: {raw:.1f} s -> {n / raw:.1f} images/s",

@@ -29,7 +29,14 @@ import numpy as np
 from adapters.base import AdapterError, Artifact, Item, ItemInfo, MaskSink, Window
 from pipelines.normalize import band_stats, normalize
 from pipelines.registry import LoadedModel
-from pipelines.semantic import NODATA_CLASS, SemanticResult, bilinear_matrix, resize_bilinear, segment_item
+from pipelines.semantic import (
+    NODATA_CLASS,
+    SemanticResult,
+    bilinear_matrix,
+    label_and_confidence,
+    resize_bilinear,
+    segment_item,
+)
 from pipelines.spec import ClassSpec, ModelSpec, Normalization
 from pipelines.train import IGNORE
 
@@ -275,8 +282,8 @@ class GridRestoringSink(ArraySink):
             r1 = min(self.height, r0 + self.block_rows)
             block = np.tensordot(my[r0:r1], tmp, axes=(1, 0))
             total = np.maximum(block.sum(-1), 1e-6)
-            out_cls = block.argmax(-1).astype(np.uint8)
-            out_conf = (block.max(-1) / total).astype(np.float32)
+            out_cls, out_conf = label_and_confidence(block)
+            out_conf = (out_conf / total).astype(np.float32)
             bad = nd[r0:r1] >= 0.5
             if self.valid is not None:
                 bad |= ~self.valid[r0:r1]

@@ -207,6 +207,21 @@ def test_ground_truth_gives_dice_iou():
         segment_item(ArrayItem(px), model, sink, ground_truth=truth[:5])
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 7])
+def test_label_and_confidence_equal_argmax_and_max_ties_included(k):
+    from pipelines.semantic import label_and_confidence
+
+    rng = np.random.default_rng(k)
+    probs = rng.random((37, 53, k)).astype(np.float32)
+    probs[::5] = np.round(probs[::5], 1)  # many exact ties: the first index must win, as with argmax
+    classes, conf = label_and_confidence(probs)
+    assert classes.dtype == np.uint8 and conf.dtype == np.float32
+    np.testing.assert_array_equal(classes, probs.argmax(-1))
+    np.testing.assert_array_equal(conf, probs.max(-1))
+    view = probs[:, ::2]  # a strided block, as the tiling engine hands out
+    np.testing.assert_array_equal(label_and_confidence(view)[0], view.argmax(-1))
+
+
 def test_bilinear_matches_tf_image_resize():
     tf = pytest.importorskip("tensorflow")
     rng = np.random.default_rng(6)
