@@ -277,14 +277,14 @@ def label_and_confidence(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Equal to ``argmax(-1)`` and ``max(-1)``, but a channel at a time: numpy reduces a last axis of 2-3 classes
     element by element, which on a camera photo cost more than scaling its probabilities back.
     """
-    conf = np.array(probs[..., 0], dtype=np.float32, copy=True)
+    conf = np.array(probs[..., 0], copy=True)  # compared in the input's own precision, as argmax does
     classes = np.zeros(probs.shape[:-1], np.uint8)
     for k in range(1, probs.shape[-1]):
         pk = probs[..., k]
         better = pk > conf
         np.copyto(conf, pk, where=better)
         classes[better] = k
-    return classes, conf
+    return classes, conf.astype(np.float32, copy=False)
 
 
 def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
