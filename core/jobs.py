@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, bindparam, func, select, update
+from sqlalchemy import Connection, bindparam, case, func, select, update
 from sqlalchemy.orm import Session
 
 from core.models import TERMINAL_ITEM, ClassMetric, InstanceRow, Item, ItemStatus, Job, JobStatus, utcnow
@@ -25,6 +25,7 @@ from core.models import TERMINAL_ITEM, ClassMetric, InstanceRow, Item, ItemStatu
 __all__ = [
     "InputSpec",
     "PathNotAllowed",
+    "Started",
     "cancel_job",
     "check_input_path",
     "create_job",
@@ -253,14 +254,28 @@ def record_plan(session: Session, job_id: uuid.UUID, planned: Sequence[PlannedIt
     return rows
 
 
-def start_item(session: Session, item_id: uuid.UUID) -> bool:
-    """Mark an item running; False if it is already finished (a redelivered task skips it)."""
-    res = session.execute(
+class Started(NamedTuple):
+    """An item this task may process. ``restarts``: how many times, this one included, it was started while
+    it was still marked running, i.e. after the process working on it died."""
+
+    restarts: int
+
+
+def start_item(session: Session, item_id: uuid.UUID) -> Started | None:
+    """Mark an item running; None if it is already finished (a redelivered task skips it).
+
+    An item found still ``running`` had its worker die mid-item (transient errors put items back to
+    ``pending`` before retrying), so that start counts as a restart.
+    """
+    restarted = case((Item.status == ItemStatus.running, 1), else_=0)
+    row = session.execute(
         update(Item)
         .where(Item.id == item_id, Item.status.not_in([s.value for s in TERMINAL_ITEM]))
-        .values(status=ItemStatus.running, started_at=utcnow(), attempts=Item.attempts + 1)
-    )
-    return res.rowcount == 1
+        .values(status=ItemStatus.running, started_at=utcnow(), attempts=Item.attempts + 1,
+                restarts=Item.restarts + restarted)
+        .returning(Item.restarts)
+    ).first()
+    return None if row is None else Started(int(row[0]))
 
 
 def finish_item(session: Session, item_id: uuid.UUID, job_id: uuid.UUID, status: ItemStatus,

@@ -105,6 +105,9 @@ class Item(Base):
     status: Mapped[str] = mapped_column(String(16), default=ItemStatus.pending, index=True)
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Starts that found the item still running: its previous worker process died (or lost its broker
+    #: message) mid-item. Capped by TILESEG_ITEM_MAX_RESTARTS.
+    restarts: Mapped[int] = mapped_column(Integer, default=0)
     #: Input metadata: size, bands, dtype, CRS, transform, modality, pixel area, warnings.
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     #: {"kind": {"uri": ..., "sha256": ..., "bytes": ..., "media_type": ...}}

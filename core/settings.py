@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     worker_nice: int = Field(default=10, ge=0, le=19)
     #: Task retries for transient errors (database/broker hiccups).
     task_max_retries: int = 5
+    #: Times an item is started again after the worker process running it died (killed for memory, a
+    #: crash in a native decoder); at the next death it is failed instead of crash-looping the workers.
+    item_max_restarts: int = Field(default=2, ge=0)
     #: Seconds a delivered-but-unacknowledged task waits before redelivery (Redis visibility timeout).
     visibility_timeout: int = 6 * 3600
     #: Require API tokens on every endpoint but /health. Switch off only for single-user local setups.

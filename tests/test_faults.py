@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -356,6 +357,33 @@ def test_permanent_and_transient_errors_end_the_job(make_stack: Callable[..., St
     assert cut.status == "failed" and "cut-00.tif" in cut.error and cut.attempts == 1, (cut.error, cut.attempts)
     assert flaky.status == "failed" and "gave up after 3 retries" in flaky.error
     assert flaky.attempts == 3  # the first try and two retries, then no more
+    assert_exactly_once(job_id, st.store, expect_status="partial")
+
+
+def test_an_item_that_kills_its_worker_is_failed_and_spares_its_batch(
+        make_stack: Callable[..., Stack], redis_url: str, photo_dir: Path, tmp_path: Path) -> None:
+    """A photo whose processing kills the worker process (as the OOM killer would) shares a batch task with
+    three good photos. The batch's redelivery splits it into single items; the good photos succeed, the bad
+    one is failed after TILESEG_ITEM_MAX_RESTARTS (2) restarts instead of crash-looping the workers.
+    Without the cap the job never finished."""
+    st = make_stack(redis_url)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    photos = sorted(photo_dir.glob("*.jpg"))[:3]
+    for p in photos:
+        shutil.copy(p, inp / p.name)
+    shutil.copy(photos[0], inp / "crash-photo.jpg")
+    st.worker("w", inject=True)
+    job_id = st.submit(inp)
+    st.wait_done(job_id, timeout=300)
+    job = job_row(job_id)
+    assert (job.status, job.items_total, job.items_done, job.items_failed) == ("partial", 4, 4, 1), job.error
+    by_name = {Path(i.source).name: i for i in items_of(job_id)}
+    crash = by_name.pop("crash-photo.jpg")
+    assert crash.status == "failed" and "died 3 times" in crash.error and crash.restarts == 3, crash.error
+    assert all(i.status == "succeeded" for i in by_name.values()), {n: i.error for n, i in by_name.items()}
+    # The three good photos were in the killed batch: one restart each, then each ran alone.
+    assert [i.restarts for i in by_name.values()] == [1, 1, 1]
     assert_exactly_once(job_id, st.store, expect_status="partial")
 
 

@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
 from core import jobs
-from core.models import ItemStatus, JobStatus
+from core.models import Item, ItemStatus, JobStatus
 from tests.conftest import reset_all
 
 
@@ -40,6 +41,12 @@ def _exercise_counters() -> None:
         # A redelivered task finishing the same item again is not counted twice.
         assert not jobs.finish_item(s, ids[0], job_id, ItemStatus.succeeded)
         assert not jobs.start_item(s, ids[0])
+        # Started while still running = its worker died mid-item: a restart. A transient retry puts the item
+        # back to pending first, so it is not one.
+        assert jobs.start_item(s, ids[1]) == jobs.Started(0)
+        assert jobs.start_item(s, ids[1]) == jobs.Started(1)
+        s.execute(update(Item).where(Item.id == ids[1]).values(status=ItemStatus.pending))
+        assert jobs.start_item(s, ids[1]) == jobs.Started(1)
         assert not jobs.finish_item(s, ids[1], job_id, ItemStatus.failed, error="bad file")
         assert jobs.finish_item(s, ids[2], job_id, ItemStatus.succeeded)  # the last one completes the job
     with session_scope() as s:

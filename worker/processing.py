@@ -13,6 +13,7 @@ import traceback
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from core.store import ArtifactStore, fetch_input
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TransientError", "finalize_job", "model_for_item", "plan_job", "process_items"]
+__all__ = ["Processed", "TransientError", "finalize_job", "model_for_item", "plan_job", "process_items"]
 
 #: Errors worth retrying: the database or broker went away for a moment.
 TRANSIENT = (OperationalError, ConnectionError, TimeoutError)
@@ -118,25 +119,45 @@ def _fail(item_id: uuid.UUID, job_id: uuid.UUID, message: str) -> bool:
         return jobs.finish_item(session, item_id, job_id, ItemStatus.failed, error=message[:4000])
 
 
-def process_items(item_ids: Sequence[uuid.UUID]) -> bool:
-    """Process a batch of items of one job. Returns True if the job's last item finished here.
+@dataclass
+class Processed:
+    """What :func:`process_items` did: ``last`` when the job's last item finished here; ``isolate``: items
+    of a batch whose worker died, put back to pending, to be enqueued one task each (so one item that kills
+    its process cannot take the others of its batch down with it)."""
+
+    last: bool = False
+    isolate: list[uuid.UUID] = field(default_factory=list)
+
+
+def _crash_message(deaths: int) -> str:
+    return (f"the worker process died {deaths} times while processing this item (killed for using too much "
+            "memory, or a crash in a native library); not tried again (TILESEG_ITEM_MAX_RESTARTS="
+            f"{get_settings().item_max_restarts})")
+
+
+def process_items(item_ids: Sequence[uuid.UUID]) -> Processed:
+    """Process a batch of items of one job.
 
     Per-item problems (bad input, a model that cannot run on it) fail that item with a stored message;
-    database and broker hiccups raise :class:`TransientError` so the task is retried.
+    database and broker hiccups raise :class:`TransientError` so the task is retried. An item whose
+    worker died more than ``TILESEG_ITEM_MAX_RESTARTS`` times is failed; a batch that lost its worker is
+    split into single items (:attr:`Processed.isolate`).
     """
     from pipelines.registry import ModelNotFound, load
 
     with session_scope() as session:
         rows = session.scalars(select(Item).where(Item.id.in_(list(item_ids))).order_by(Item.seq)).all()
         if not rows:
-            return False
+            return Processed()
         job = session.get(Job, rows[0].job_id)
         job_id, pipeline, options = job.id, job.pipeline, dict(job.options or {})
         job_cancelled = job.status == JobStatus.cancelled
         todo = [(r.id, r.source, r.key, r.format, r.truth, dict(r.meta or {})) for r in rows]
     done_job = False
+    isolate: list[uuid.UUID] = []
     if job_cancelled:
-        return False
+        return Processed()
+    max_restarts = get_settings().item_max_restarts
 
     # Group by model so photos share model calls.
     by_model: dict[str | None, list[tuple]] = defaultdict(list)
@@ -147,8 +168,15 @@ def process_items(item_ids: Sequence[uuid.UUID]) -> bool:
         started = []
         for t in group:
             with session_scope() as session:
-                if jobs.start_item(session, t[0]):
-                    started.append(t)
+                st = jobs.start_item(session, t[0])
+            if st is None:
+                continue
+            if st.restarts > max_restarts:
+                done_job |= _fail(t[0], job_id, _crash_message(st.restarts))
+            elif st.restarts and len(todo) > 1:
+                isolate.append(t[0])
+            else:
+                started.append(t)
         if not started:
             continue
         if model_name is None:
@@ -173,10 +201,14 @@ def process_items(item_ids: Sequence[uuid.UUID]) -> bool:
             for t in started:
                 done_job |= _run_one(job_id, t, model, options)
 
+    if isolate:
+        with session_scope() as session:
+            session.execute(update(Item).where(Item.id.in_(isolate), Item.status == ItemStatus.running)
+                            .values(status=ItemStatus.pending))
     if not done_job:
         with session_scope() as session:
             done_job = jobs.job_complete(session, job_id)
-    return done_job
+    return Processed(done_job, isolate)
 
 
 def model_fit_note(spec: Any, fmt: str | None) -> str | None:

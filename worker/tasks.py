@@ -45,10 +45,13 @@ def process_items(self, item_ids: list[str]) -> None:  # noqa: ANN001
         processing.give_up(item_ids, f"gave up after {self.request.retries} retries of transient errors")
         return
     try:
-        last = processing.process_items([uuid.UUID(i) for i in item_ids])
+        done = processing.process_items([uuid.UUID(i) for i in item_ids])
     except processing.TRANSIENT as exc:
         raise processing.TransientError(str(exc)) from exc
-    if last:
+    for item_id in done.isolate:
+        log.warning("item %s was in a batch whose worker died; it runs alone now", item_id)
+        process_items.delay([str(item_id)])
+    if done.last:
         from core.db import session_scope
         from core.models import Item
 
