@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     worker_nice: int = Field(default=10, ge=0, le=19)
     #: Task retries for transient errors (database/broker hiccups).
     task_max_retries: int = 5
+    #: Seconds one processing task (one item, or a batch of photos) may run. Past it the item at work is
+    #: failed ("took longer than ...") so a hung decoder or network read cannot hold a worker forever; 120 s
+    #: later the process is killed if the task is stuck in native code. Keep it below the visibility timeout.
+    task_time_limit: int = Field(default=5 * 3600, ge=1)
     #: Times an item is started again after the worker process running it died (killed for memory, a
     #: crash in a native decoder); at the next death it is failed instead of crash-looping the workers.
     item_max_restarts: int = Field(default=2, ge=0)

@@ -387,6 +387,29 @@ def test_an_item_that_kills_its_worker_is_failed_and_spares_its_batch(
     assert_exactly_once(job_id, st.store, expect_status="partial")
 
 
+def test_a_hung_item_is_stopped_by_the_time_limit(make_stack: Callable[..., Stack], redis_url: str,
+                                                   tmp_path: Path) -> None:
+    """An input whose read never returns holds its worker until TILESEG_TASK_TIME_LIMIT; then the item is
+    failed with a message naming the limit, not redelivered, and the worker goes on with the others."""
+    st = make_stack(redis_url, TILESEG_TASK_TIME_LIMIT="20")
+    inp = tmp_path / "in"
+    make_geotiffs(inp, 2)
+    make_geotiffs(inp, 1, prefix="hang")
+    st.worker("w", inject=True)
+    t0 = time.monotonic()
+    job_id = st.submit(inp)
+    st.wait_done(job_id, timeout=240)
+    job = job_row(job_id)
+    assert (job.status, job.items_total, job.items_done, job.items_failed) == ("partial", 3, 3, 1), job.error
+    by_name = {Path(i.source).name: i for i in items_of(job_id)}
+    hung = by_name.pop("hang-00.tif")
+    assert hung.status == "failed" and "longer than TILESEG_TASK_TIME_LIMIT (20 s)" in hung.error, hung.error
+    assert hung.attempts == 1 and hung.restarts == 0
+    assert all(i.status == "succeeded" for i in by_name.values())
+    assert time.monotonic() - t0 < 200  # stopped at the limit, not after the hour the read would take
+    assert_exactly_once(job_id, st.store, expect_status="partial")
+
+
 def test_cancel_with_a_real_worker(make_stack: Callable[..., Stack], redis_url: str, tmp_path: Path) -> None:
     """Cancel after the first result: remaining items are never started, finished results stay."""
     from core import jobs

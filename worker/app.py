@@ -63,6 +63,9 @@ def configure(app: Celery = app) -> Celery:
         task_publish_retry=True,
         task_publish_retry_policy={"max_retries": 20, "interval_start": 0.2, "interval_step": 0.5,
                                    "interval_max": 3},
+        # Only item processing is bounded: planning a huge job or mosaicking a split raster may take long.
+        task_annotations={"tileseg.process_items": {"soft_time_limit": s.task_time_limit,
+                                                    "time_limit": s.task_time_limit + 120}},
         task_default_queue="tileseg",
         task_serializer="json",
         accept_content=["json"],

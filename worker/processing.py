@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -127,6 +128,11 @@ class Processed:
 
     last: bool = False
     isolate: list[uuid.UUID] = field(default_factory=list)
+
+
+def _time_limit_message() -> str:
+    return (f"processing took longer than TILESEG_TASK_TIME_LIMIT ({get_settings().task_time_limit} s) and "
+            "was stopped (a hung read or decoder, or an input too large for this limit)")
 
 
 def _crash_message(deaths: int) -> str:
@@ -333,6 +339,8 @@ def _handle_error(job_id: uuid.UUID, item_id: uuid.UUID, exc: BaseException) -> 
         raise TransientError(str(exc)) from exc
     if isinstance(exc, AdapterError):
         return _fail(item_id, job_id, str(exc))
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return _fail(item_id, job_id, _time_limit_message())
     log.error("item %s failed: %s", item_id, "".join(traceback.format_exception(exc)))
     return _fail(item_id, job_id, f"{type(exc).__name__}: {exc}")
 
@@ -446,6 +454,11 @@ def _run_semantic_batch(job_id: uuid.UUID, batch: Sequence[tuple], model: Any, o
             return done_job
         try:
             results = segment_items([it for _, it in opened], model, sinks, ground_truths=truths)
+        except SoftTimeLimitExceeded:
+            # Out of time: which photo hung is unknown, and going one by one would overrun the hard limit.
+            for t, _ in opened:
+                done_job |= _fail(t[0], job_id, _time_limit_message())
+            return done_job
         except Exception:  # noqa: BLE001 - one bad image must not fail its batch-mates: go one by one
             log.warning("batched prediction failed; retrying items one by one", exc_info=True)
             for t, _ in opened:
