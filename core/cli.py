@@ -386,17 +386,48 @@ def run(inputs, pipeline, truth, truth_map, score_threshold, as_json, local_work
     worker = _spawn_worker(job_id) if (local_worker if local_worker is not None else s.embedded_queue) else None
     try:
         d = _wait(job_id, show=not as_json, timeout=timeout, worker=worker)
+    except KeyboardInterrupt:
+        _interrupted(job_id, local=worker is not None)
+        sys.exit(130)
     finally:
         if worker is not None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
+            _stop_worker(worker)
     full = _results_json(job_id)
     _echo_json(full) if as_json else _print_results(full)
     if d["status"] not in ("succeeded", "partial"):
         sys.exit(1)
+
+
+def _interrupted(job_id: uuid.UUID, local: bool) -> None:
+    """Ctrl-C during `run`. With this run's own worker nobody else would finish the job, so it is cancelled
+    (finished items and their results are kept); with shared workers it goes on without us."""
+    if not local:
+        click.echo(f"\nstopped waiting; job {job_id} goes on on the workers (tileseg status {job_id}, "
+                   f"tileseg cancel {job_id})", err=True)
+        return
+    from core import jobs
+    from core.db import session_scope
+
+    with session_scope() as session:
+        before = jobs.get_job(session, job_id)
+        done, total = before.items_done, before.items_total
+        jobs.cancel_job(session, job_id)
+    click.echo(f"\ninterrupted: job {job_id} cancelled with {done} of {total} items done; they keep their "
+               f"results (tileseg results {job_id}). Stopping the local worker: it finishes the item at hand "
+               "(Ctrl-C again to kill it now).", err=True)
+
+
+def _stop_worker(worker: subprocess.Popen) -> None:
+    """SIGTERM (Celery's warm shutdown: the task at hand finishes), SIGKILL after 30 s or a second Ctrl-C.
+    The worker runs in its own session, so it must never be left behind."""
+    try:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(30)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+    except ProcessLookupError:
+        pass
 
 
 def _wait(job_id: uuid.UUID, show: bool, timeout: float | None, worker: subprocess.Popen | None) -> dict[str, Any]:

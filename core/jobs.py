@@ -235,15 +235,23 @@ def record_plan(session: Session, job_id: uuid.UUID, planned: Sequence[PlannedIt
     rows: list[Item] = []
     failed = 0
     now = utcnow()
+    # Cancelled while its inputs were being expanded (the lock above waits for cancel_job): record the plan,
+    # nothing of it pending, so a cancelled job never shows items that nobody will run.
+    cancelled = job.status == JobStatus.cancelled
     for seq, p in enumerate(planned):
-        status = ItemStatus.failed if p.error else ItemStatus.pending
+        if p.error:
+            status, error = ItemStatus.failed, p.error
+        elif cancelled:
+            status, error = ItemStatus.cancelled, "cancelled by user"
+        else:
+            status, error = ItemStatus.pending, None
         failed += bool(p.error)
         rows.append(Item(id=uuid.uuid4(), job_id=job_id, seq=seq, source=p.source, key=p.key, group=p.group,
-                         format=p.format, truth=p.truth, meta=p.meta, status=status, error=p.error,
-                         finished_at=now if p.error else None))
+                         format=p.format, truth=p.truth, meta=p.meta, status=status, error=error,
+                         finished_at=None if status == ItemStatus.pending else now))
     session.add_all(rows)
     job.items_total = len(rows)
-    job.items_done = failed
+    job.items_done = len(rows) if cancelled else failed
     job.items_failed = failed
     job.planned = True
     if job.status == JobStatus.queued:

@@ -132,6 +132,59 @@ def test_a_model_made_for_another_input_kind_runs_with_a_warning(tiny_models: Pa
     assert "warnings:" in human.stdout and note in human.stdout and "cat.png" in human.stdout
 
 
+def _workers_of(data_dir: Path) -> list[int]:
+    """PIDs of `core.cli worker` processes running on ``data_dir`` (read from /proc)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            env = (proc / "environ").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if b"core.cli\x00worker" in cmd and f"TILESEG_DATA_DIR={data_dir}".encode() in env:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_ctrl_c_cancels_the_job_and_stops_the_local_worker(tiny_models: Path, photo_dir: Path,
+                                                          tmp_path: Path) -> None:
+    """Ctrl-C on `tileseg run` in embedded mode: nobody else would finish the job, so it is cancelled (items
+    done keep their results), the message says so, the exit code is 130 and no worker is left behind."""
+    import shutil
+    import signal
+    import time
+
+    from core.db import session_scope
+    from core.models import Job, JobStatus
+
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(40):
+        src = sorted(photo_dir.glob("*.jpg"))[i % 3]
+        shutil.copy(src, many / f"p{i:02d}.jpg")
+    data_dir = Path(os.environ["TILESEG_DATA_DIR"])
+    proc = subprocess.Popen([sys.executable, "-m", "core.cli", "run", str(many), "--pipeline", "tiny-photo"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    def planned() -> bool:
+        with session_scope() as s:
+            return any(j.items_total for j in s.query(Job).all())
+
+    t0 = time.monotonic()
+    while not (_workers_of(data_dir) and planned()) and time.monotonic() - t0 < 90:
+        time.sleep(0.2)
+    assert _workers_of(data_dir) and planned(), "the local worker never planned the job"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out[-2000:], err[-2000:])
+    assert "interrupted: job" in err and "cancelled" in err
+    assert not _workers_of(data_dir)
+    with session_scope() as s:
+        (job,) = s.query(Job).all()
+        assert job.status == JobStatus.cancelled and job.items_total == 40
+        assert job.items_done == 40  # every item either finished before the cancel or was cancelled
+
+
 def test_unknown_pipeline_is_refused(tiny_models: Path, photo_dir: Path) -> None:
     proc = run_cli("submit", str(photo_dir), "--pipeline", "nope")
     assert proc.returncode != 0 and "unknown pipeline" in proc.stderr

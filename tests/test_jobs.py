@@ -90,6 +90,28 @@ def test_cancel_keeps_finished(ts_env: dict[str, str]) -> None:
         assert jobs.finish_item(s, ids[1], job_id, ItemStatus.succeeded)
 
 
+def test_cancel_while_planning_leaves_nothing_pending(ts_env: dict[str, str]) -> None:
+    """A job cancelled while its inputs were being expanded (before the plan was recorded): the items are
+    recorded cancelled, unreadable ones failed, and the counters say every item is done."""
+    from core.db import session_scope
+
+    _setup_db()
+    with session_scope() as s:
+        job_id = jobs.create_job(s, [jobs.InputSpec("/x")]).id
+    with session_scope() as s:
+        jobs.cancel_job(s, job_id)
+    planned = _planned(3)
+    planned[1] = jobs.PlannedItem(source="/x/bad.png", key="", group=None, format=None, truth=None, meta={},
+                                  error="unreadable")
+    with session_scope() as s:
+        rows = jobs.record_plan(s, job_id, planned)
+        assert [r.status for r in rows] == ["cancelled", "failed", "cancelled"]
+    with session_scope() as s:
+        job = jobs.get_job(s, job_id)
+        assert job.status == JobStatus.cancelled
+        assert (job.items_total, job.items_done, job.items_failed) == (3, 3, 1)
+
+
 def test_input_paths_must_stay_inside_roots(tmp_path: Path) -> None:
     root = tmp_path / "in"
     (root / "sub").mkdir(parents=True)
