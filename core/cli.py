@@ -446,7 +446,10 @@ def _wait(job_id: uuid.UUID, show: bool, timeout: float | None, worker: subproce
             if d["status"] in terminal and (d["finished_at"] or d["status"] == "cancelled"):
                 return d
             if worker is not None and worker.poll() is not None:
-                raise click.ClickException(f"the local worker exited with code {worker.returncode}")
+                log = get_settings().data_path / "logs" / f"worker-{job_id}.log"
+                raise click.ClickException(f"the local worker exited with code {worker.returncode} (its log: "
+                                           f"{log}); job {job_id} stays {d['status']}: `tileseg worker` "
+                                           f"finishes it, `tileseg cancel {job_id}` drops it")
             if timeout and time.monotonic() - t0 > timeout:
                 raise click.ClickException(f"job {job_id} not finished after {timeout:.0f} s (still {d['status']})")
             time.sleep(0.5)
