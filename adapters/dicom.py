@@ -980,7 +980,7 @@ def _load_mask(path: Path, item: DicomItem) -> np.ndarray:
 
 def _seg_stem(items: Sequence[DicomItem]) -> str:
     if len(items) == 1 and items[0].frame is None:
-        return _item_stem(items[0]) if items[0].key else safe_stem(re.sub(r"[^A-Za-z0-9._-]+", "_", items[0].path.stem))
+        return _item_stem(items[0])
     desc = str(items[0].dataset.get("SeriesDescription", "") or "series")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", desc).strip("_")[:40] or "series"
     return f"{slug}-{_short_hash(items[0].group)[:8]}"
@@ -1102,7 +1102,7 @@ class DicomFormat(Format):
         h, w = it.info.height, it.info.width
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = _item_stem(it) if it.key else safe_stem(re.sub(r"[^A-Za-z0-9._-]+", "_", it.path.stem))
+        stem = _item_stem(it)
         base = it.preview(max_size=max(h, w)).astype(np.float32)
         bg = _background_ids(class_names)
         unions: dict[int, np.ndarray] = {}
