@@ -141,16 +141,24 @@ def _crs_info(
 
 
 class GeoTiffItem(Item):
-    """The raster of a GeoTIFF (key ``""``); thread-safe windowed reads through one rasterio dataset."""
+    """The raster of a GeoTIFF (key ``""``), or one page of a multi-page TIFF (key ``page-NNNN``); thread-safe
+    windowed reads through one rasterio dataset.
+
+    ``dataset_name`` is what GDAL opens the dataset by (``GTIFF_DIR:2:path`` for a page); after
+    :meth:`release` the dataset is opened again on the next read, so a stack of thousands of pages does not
+    hold a file handle per page.
+    """
 
     streamable = True
 
-    def __init__(self, path: str, ds: rasterio.DatasetReader) -> None:
+    def __init__(self, path: str, ds: rasterio.DatasetReader, *, key: str = "",
+                 dataset_name: str | None = None) -> None:
         self.path = path
-        self.key = ""
+        self.key = key
         self.group = None
-        self._ds = ds
-        self._lock = threading.Lock()
+        self._dataset: rasterio.DatasetReader | None = ds
+        self._dataset_name = dataset_name or path
+        self._lock = threading.RLock()
         crs = ds.crs
         geo = crs is not None or not ds.transform.is_identity
         area, unit, warn, extra = _crs_info(crs, ds.transform)
@@ -182,6 +190,24 @@ class GeoTiffItem(Item):
         )
         flags = ds.mask_flag_enums
         self._has_mask = not all(f == [MaskFlags.all_valid] for f in flags)
+
+    @property
+    def _ds(self) -> rasterio.DatasetReader:
+        with self._lock:
+            if self._dataset is None:
+                try:
+                    with _NoGeoWarnings():
+                        self._dataset = rasterio.open(self._dataset_name)
+                except _GDAL_ERRORS as e:
+                    raise _err(self.path, f"cannot open {self.key or 'the raster'} again", e) from e
+            return self._dataset
+
+    def release(self) -> None:
+        """Close the dataset; the next read opens it again."""
+        with self._lock:
+            if self._dataset is not None:
+                self._dataset.close()
+                self._dataset = None
 
     @property
     def crs(self) -> CRS | None:
@@ -279,8 +305,7 @@ class GeoTiffItem(Item):
         return stretch_to_uint8(data, valid)
 
     def close(self) -> None:
-        with self._lock:
-            self._ds.close()
+        self.release()
 
 
 def preview_shape(height: int, width: int, max_size: int) -> tuple[int, int]:
@@ -309,8 +334,17 @@ def _wstr(w: Window) -> str:
     return f"(col {int(w.col_off)}, row {int(w.row_off)}, {int(w.width)}x{int(w.height)})"
 
 
+def tiff_pages(ds: rasterio.DatasetReader) -> list[str]:
+    """GDAL names (``GTIFF_DIR:N:path``) of the pages of a multi-page TIFF, in file order; ``[]`` for a file
+    with one image. GDAL lists only full-resolution pages: overviews and masks stay with their page."""
+    if ds.driver != "GTiff":
+        return []
+    pages = [s for s in ds.subdatasets if s.startswith("GTIFF_DIR:")]
+    return sorted(pages, key=lambda s: int(s.split(":", 2)[1]))
+
+
 class GeoTiffSource(Source):
-    """An opened raster file: one item."""
+    """An opened raster file: one item, or one per page of a multi-page TIFF (keys ``page-0000``, ...)."""
 
     format = "geotiff"
 
@@ -327,23 +361,52 @@ class GeoTiffSource(Source):
         except _GDAL_ERRORS as e:
             raise _err(path, "cannot open as a raster (corrupt, truncated or not a TIFF)", e) from e
         try:
-            if ds.width * ds.height > max_pixels:
-                raise InputTooLarge(
-                    f"{name}: {ds.width}x{ds.height} = {ds.width * ds.height:,} pixels exceeds the limit of "
-                    f"{max_pixels:,}"
-                )
-            if ds.count < 1:
-                raise AdapterError(f"{name}: raster has no bands")
-            self._item = GeoTiffItem(path, ds)
+            pages = tiff_pages(ds)
+            if len(pages) <= 1:
+                _check_size(ds, name, max_pixels)
+                self._items = [GeoTiffItem(path, ds)]
+                return
         except BaseException:
             ds.close()
             raise
+        ds.close()
+        self._items = []
+        try:
+            for n, sub in enumerate(pages):
+                label = f"{name} page {n}"
+                try:
+                    with _NoGeoWarnings():
+                        page = rasterio.open(sub)
+                except _GDAL_ERRORS as e:
+                    raise _err(path, f"page {n} of {len(pages)} cannot be opened", e) from e
+                try:
+                    _check_size(page, label, max_pixels)
+                    item = GeoTiffItem(path, page, key=f"page-{n:04d}", dataset_name=sub)
+                except BaseException:
+                    page.close()
+                    raise
+                item.info.extra.update(page=n, pages=len(pages))
+                item.release()
+                self._items.append(item)
+        except BaseException:
+            self.close()
+            raise
 
     def items(self) -> Iterator[Item]:
-        yield self._item
+        yield from self._items
 
     def close(self) -> None:
-        self._item.close()
+        for it in self._items:
+            it.close()
+
+
+def _check_size(ds: rasterio.DatasetReader, name: str, max_pixels: int) -> None:
+    if ds.width * ds.height > max_pixels:
+        raise InputTooLarge(
+            f"{name}: {ds.width}x{ds.height} = {ds.width * ds.height:,} pixels exceeds the limit of {max_pixels:,}"
+        )
+    if ds.count < 1:
+        raise AdapterError(f"{name}: raster has no bands")
 
 
 # --------------------------------------------------------------------------------------------- geometry

@@ -3,8 +3,10 @@
 A photo source has one item (key ``""``). Pixels are always ``(3, H, W) uint8`` RGB after EXIF orientation:
 grayscale, palette, CMYK and RGBA inputs are converted, 16-bit inputs are scaled by 1/257 (full range, so
 values keep their meaning), float inputs are min-max stretched. Fully transparent pixels (alpha == 0) are
-reported by :meth:`PhotoItem.valid_mask` as no data. Multi-frame files (GIF, multi-page TIFF) use their first
-frame only; ``info.warnings`` says so.
+reported by :meth:`PhotoItem.valid_mask` as no data. A multi-page TIFF (an image stack: microscopy, scanned
+pages) has one item per page, keys ``page-0000``, ``page-0001``, ...; pages that are reduced-resolution copies
+or transparency masks of another page (TIFF ``NewSubfileType``) are not items of their own. Animations (GIF,
+WebP, APNG) use their first frame only; ``info.warnings`` says so.
 
 Outputs: a palette PNG class mask (index = class id, 255 = no data), an RGB overlay PNG, and for instance
 models a COCO JSON (``images``/``categories``/``annotations``; ``annotations`` alone is a valid COCO results
@@ -64,6 +66,10 @@ _GIF = (b"GIF87a", b"GIF89a")
 _BMP = b"BM"
 _TIFF = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _EXIF_ORIENTATION = 0x0112
+_NEW_SUBFILE_TYPE = 254
+#: NewSubfileType bits of a page that is not an image of its own: a reduced-resolution copy (an overview)
+#: or a transparency mask of another page.
+_NOT_AN_IMAGE = 0x1 | 0x4
 #: Pillow errors that mean "this file is broken", as opposed to bugs in our code.
 _PIL_ERRORS = (
     UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError
@@ -155,16 +161,25 @@ def to_rgb_uint8(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 class PhotoItem(Item):
-    """The single image of a photo file; decoded on first use and cached (photos are small)."""
+    """One image of a photo file (the photo, or one page of a TIFF stack); decoded on first use and cached
+    (photos are small).
+
+    ``image`` is the file opened by Pillow (header parsed, no pixels yet); None for a page of a stack, which
+    opens the file again when it is decoded, so that pages neither share a file position nor hold one
+    decoded page each until the whole stack is done.
+    """
 
     streamable = False
 
-    def __init__(self, path: str, image: Image.Image, info: ItemInfo) -> None:
+    def __init__(self, path: str, image: Image.Image | None, info: ItemInfo, *, key: str = "",
+                 page: int = 0) -> None:
         self.path = path
-        self.key = ""
+        self.key = key
+        self.page = page
         self.group = None
         self.info = info
         self._image: Image.Image | None = image
+        self._done = False
         self._rgb: np.ndarray | None = None
         self._alpha: np.ndarray | None = None
         self._lock = threading.Lock()
@@ -173,22 +188,28 @@ class PhotoItem(Item):
         with self._lock:
             if self._rgb is not None:
                 return self._rgb
-            if self._image is None:
-                raise AdapterError(f"{Path(self.path).name}: source already closed")
             name = Path(self.path).name
+            if self._done:
+                raise AdapterError(f"{name}: source already closed")
+            if self.key:
+                name = f"{name} [{self.key}]"
             try:
                 if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone flipped Pillow's global: truncation would pass
                     raise AdapterError(f"{name}: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; refusing to decode")
+                if self._image is None:
+                    self._image = _open_image(self.path)
                 im = self._image
-                im.seek(0)
+                im.seek(self.page)
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 rgb, alpha = to_rgb_uint8(im)
             except _PIL_ERRORS as e:
                 raise AdapterError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
             finally:
-                self._image.close()
+                if self._image is not None:
+                    self._image.close()
                 self._image = None
+                self._done = True
             if rgb.shape[:2] != (self.info.height, self.info.width):
                 raise AdapterError(
                     f"{name}: decoded size {rgb.shape[1]}x{rgb.shape[0]} differs from the header's "
@@ -231,6 +252,7 @@ class PhotoItem(Item):
             if self._image is not None:
                 self._image.close()
                 self._image = None
+            self._done = True
 
 
 def _bounds(window: Window, info: ItemInfo) -> tuple[int, int, int, int]:
@@ -242,19 +264,65 @@ def _bounds(window: Window, info: ItemInfo) -> tuple[int, int, int, int]:
 
 
 class PhotoSource(Source):
-    """An opened photo file (one item)."""
+    """An opened photo file: one item, or one per page of a TIFF stack."""
 
     format = "photo"
 
-    def __init__(self, path: str, item: PhotoItem) -> None:
+    def __init__(self, path: str, items: Sequence[PhotoItem]) -> None:
         self.path = path
-        self._item = item
+        self._items = list(items)
 
     def items(self) -> Iterator[Item]:
-        yield self._item
+        yield from self._items
 
     def close(self) -> None:
-        self._item.close()
+        for it in self._items:
+            it.close()
+
+
+def _open_image(path: str) -> Image.Image:
+    """``Image.open`` (header only) with Pillow's decompression-bomb warning silenced: the caller enforces
+    its own pixel limit on the declared size, and Pillow's hard limit (2x MAX_IMAGE_PIXELS) still applies."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def _page_info(im: Image.Image, name: str, max_pixels: int, extra: dict[str, Any]) -> ItemInfo:
+    """What the current frame of ``im`` will decode to: size after EXIF orientation, source mode."""
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise AdapterError(f"{name}: image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise InputTooLarge(f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
+    warn: list[str] = []
+    try:
+        orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
+    except _PIL_ERRORS:
+        orientation = 1
+        warn.append("unreadable EXIF block ignored")
+    if orientation in (5, 6, 7, 8):  # transposed: width and height swap after exif_transpose
+        w, h = h, w
+    return ItemInfo(height=h, width=w, bands=3, dtype="uint8", modality="photo", warnings=warn,
+                    extra={"file_format": im.format, "source_mode": im.mode, "exif_orientation": orientation,
+                           **extra})
+
+
+def _tiff_pages(im: Image.Image, name: str, n_frames: int) -> tuple[list[int], int]:
+    """``(pages, skipped)``: indices of the TIFF's pages that are images of their own, and how many pages are
+    reduced-resolution copies or masks of another (``NewSubfileType``; GDAL writes overviews this way)."""
+    pages, skipped = [], 0
+    for i in range(n_frames):
+        try:
+            im.seek(i)
+            kind = int(im.tag_v2.get(_NEW_SUBFILE_TYPE, 0) or 0)
+        except _PIL_ERRORS as e:
+            raise AdapterError(f"{name}: page {i} of {n_frames} is unreadable ({type(e).__name__}: {e})") from e
+        if kind & _NOT_AN_IMAGE and i > 0:
+            skipped += 1
+        else:
+            pages.append(i)
+    return pages, skipped
 
 
 def _open_photo(path: str, max_pixels: int) -> PhotoSource:
@@ -265,10 +333,7 @@ def _open_photo(path: str, max_pixels: int) -> PhotoSource:
     if p.stat().st_size == 0:
         raise UnsupportedInput(f"{name}: empty file")
     try:
-        with warnings.catch_warnings():
-            # We enforce max_pixels ourselves below; Pillow's hard limit (2x MAX_IMAGE_PIXELS) still applies.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)  # header only: no pixel buffer yet
+        im = _open_image(path)  # header only: no pixel buffer yet
     except Image.DecompressionBombError as e:
         raise InputTooLarge(f"{name}: declared size is too large ({e})") from e
     except UnidentifiedImageError as e:
@@ -276,40 +341,31 @@ def _open_photo(path: str, max_pixels: int) -> PhotoSource:
     except _PIL_ERRORS as e:
         raise AdapterError(f"{name}: corrupt image header ({type(e).__name__}: {e})") from e
     try:
-        w, h = im.size
-        if w <= 0 or h <= 0:
-            raise AdapterError(f"{name}: image has no pixels ({w}x{h})")
-        if w * h > max_pixels:
-            raise InputTooLarge(f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
-        warn: list[str] = []
         try:
-            orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
-        except _PIL_ERRORS:
-            orientation = 1
-            warn.append("unreadable EXIF block ignored")
-        if orientation in (5, 6, 7, 8):  # transposed: width and height swap after exif_transpose
-            w, h = h, w
-        n_frames = int(getattr(im, "n_frames", 1) or 1)
+            n_frames = int(getattr(im, "n_frames", 1) or 1)
+        except _PIL_ERRORS as e:
+            raise AdapterError(f"{name}: corrupt frame list ({type(e).__name__}: {e})") from e
+        if n_frames > 1 and im.format == "TIFF":
+            pages, skipped = _tiff_pages(im, name, n_frames)
+            if len(pages) > 1:
+                items = []
+                for n, i in enumerate(pages):
+                    im.seek(i)
+                    info = _page_info(im, f"{name} page {n}", max_pixels, {"page": n, "pages": len(pages)})
+                    if skipped:
+                        info.warnings.append(f"{skipped} reduced-resolution or mask pages are not separate items")
+                    items.append(PhotoItem(path, None, info, key=f"page-{n:04d}", page=i))
+                im.close()
+                return PhotoSource(path, items)
+            im.seek(0)  # one image and its overviews: an ordinary photo
+            return PhotoSource(path, [PhotoItem(path, im, _page_info(im, name, max_pixels, {"frames": 1}))])
+        info = _page_info(im, name, max_pixels, {"frames": n_frames})
         if n_frames > 1:
-            warn.append(f"{n_frames} frames; only the first is processed")
-        info = ItemInfo(
-            height=h,
-            width=w,
-            bands=3,
-            dtype="uint8",
-            modality="photo",
-            warnings=warn,
-            extra={
-                "file_format": im.format,
-                "source_mode": im.mode,
-                "exif_orientation": orientation,
-                "frames": n_frames,
-            },
-        )
+            info.warnings.append(f"{n_frames} frames (an animation); only the first is processed")
     except BaseException:
         im.close()
         raise
-    return PhotoSource(path, PhotoItem(path, im, info))
+    return PhotoSource(path, [PhotoItem(path, im, info)])
 
 
 # --------------------------------------------------------------------------------------------- outputs

@@ -171,6 +171,39 @@ def test_no_crs_multiband_is_processed_with_warning(tmp_path, fmt):
     assert kinds == {"class_raster", "confidence", "overlay"}  # no geo outputs
 
 
+def test_multipage_16bit_stack_is_one_item_per_page(tmp_path, fmt):
+    """A 16-bit image stack (no CRS, so not a photo) gives every page an item; pages open again after
+    release, so a long stack holds no file handle per page."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    pages = [rng.integers(0, 65535, (24, 40), np.uint16) for _ in range(3)]
+    p = tmp_path / "stack16.tif"
+    Image.fromarray(pages[0]).save(p, save_all=True, append_images=[Image.fromarray(a) for a in pages[1:]])
+    assert fmt.sniff(str(p), _head(p))
+    with fmt.open(str(p)) as src:
+        items = list(src.items())
+        assert [i.key for i in items] == ["page-0000", "page-0001", "page-0002"]
+        assert all(i._dataset is None for i in items)
+        assert items[1].info.extra["page"] == 1 and items[1].info.extra["pages"] == 3
+        np.testing.assert_array_equal(items[2].read()[0], pages[2])
+        np.testing.assert_array_equal(items[0].read(Window(5, 4, 10, 6))[0], pages[0][4:10, 5:15])
+        np.testing.assert_array_equal(src.item("page-0001").read()[0], pages[1])
+        sink = fmt.semantic_sink(items[2], tmp_path / "out", NAMES, COLORS)
+        sink.write(Window(0, 0, 40, 24), np.ones((24, 40), np.uint8), np.full((24, 40), 0.5, np.float32))
+        names = {a.path.name for a in sink.close()}
+    assert {"stack16_page-0002_classes.tif", "stack16_page-0002_confidence.tif"} <= names
+
+
+def test_geotiff_with_overviews_is_one_item(tmp_path, fmt):
+    p = _write(tmp_path / "ovr.tif", np.arange(64 * 64, dtype=np.uint16).reshape(1, 64, 64), crs=UTM, transform=T10)
+    with rasterio.open(p, "r+") as ds:
+        ds.build_overviews([2, 4])
+    with fmt.open(str(p)) as src:
+        (item,) = list(src.items())
+        assert item.key == "" and item.info.height == 64
+
+
 def test_plain_rgb_tiff_goes_to_photo(tmp_path, fmt):
     p = _write(tmp_path / "plain.tif", np.zeros((3, 8, 8), np.uint8))
     assert not fmt.sniff(str(p), _head(p))

@@ -129,6 +129,64 @@ def test_multiframe_gif_uses_first_frame(tmp_path, fmt):
     assert (px[0] > 200).all() and (px[2] < 50).all()
 
 
+def test_multipage_tiff_is_one_item_per_page(tmp_path, fmt):
+    """An image stack (here the U-Net paper's EM slices, as a microscope writes them) gives every page an
+    item of its own; pages may differ in size and mode."""
+    rng = np.random.default_rng(3)
+    pages = [rng.integers(0, 255, (20, 30), np.uint8), rng.integers(0, 255, (12, 16), np.uint8),
+             rng.integers(0, 255, (20, 30, 3), np.uint8)]
+    ims = [Image.fromarray(a) for a in pages]
+    p = tmp_path / "stack.tif"
+    ims[0].save(p, save_all=True, append_images=ims[1:])
+    assert fmt.sniff(str(p), _head(p))
+    with fmt.open(str(p)) as src:
+        items = list(src.items())
+        assert [i.key for i in items] == ["page-0000", "page-0001", "page-0002"]
+        assert [(i.info.height, i.info.width) for i in items] == [(20, 30), (12, 16), (20, 30)]
+        assert [i.info.extra["page"] for i in items] == [0, 1, 2] and items[0].info.extra["pages"] == 3
+        assert not any(i.info.warnings for i in items)
+        # Pages decode in any order, each from its own page.
+        np.testing.assert_array_equal(items[2].read().transpose(1, 2, 0), pages[2])
+        np.testing.assert_array_equal(items[0].read()[1], pages[0])
+        np.testing.assert_array_equal(src.item("page-0001").read()[0], pages[1])
+        out = fmt.semantic_sink(items[1], tmp_path / "out", NAMES, COLORS)
+        out.write(Window(0, 0, 16, 12), np.ones((12, 16), np.uint8), np.ones((12, 16), np.float32))
+        names = {a.path.name for a in out.close()}
+    assert names == {"stack_page-0001_mask.png", "stack_page-0001_overlay.png"}
+
+
+def test_real_em_stack_pages_match_the_slices(tmp_path, fmt):
+    em = PETS.parents[1] / "isbi2012_em" / "images"
+    if not em.is_dir():
+        pytest.skip(f"real data absent: {em}")
+    slices = [Image.open(em / f"{i:02d}.png") for i in range(4)]
+    p = tmp_path / "train-volume.tif"
+    slices[0].save(p, save_all=True, append_images=slices[1:])
+    with fmt.open(str(p)) as src:
+        items = list(src.items())
+        assert len(items) == 4
+        for it, sl in zip(items, slices, strict=True):
+            np.testing.assert_array_equal(it.read()[0], np.asarray(sl))
+
+
+def test_tiff_overviews_are_not_pages(tmp_path, fmt):
+    """Reduced-resolution pages (GDAL's internal overviews, NewSubfileType 1) belong to the image."""
+    import rasterio
+
+    data = np.random.default_rng(0).integers(0, 255, (3, 64, 64), np.uint8)
+    p = tmp_path / "ovr.tif"
+    with rasterio.open(p, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8") as ds:
+        ds.write(data)
+    with rasterio.open(p, "r+") as ds:
+        ds.build_overviews([2, 4])
+    with Image.open(p) as im:
+        assert im.n_frames == 3  # the file really has three pages
+    src, item = _open_one(fmt, p)
+    with src:
+        assert item.key == "" and (item.info.height, item.info.width) == (64, 64) and not item.info.warnings
+        np.testing.assert_array_equal(item.read(), data)
+
+
 @pytest.mark.parametrize("orientation, rot", [(6, -90), (8, 90), (3, 180)])
 def test_exif_orientation_applied(tmp_path, fmt, orientation, rot):
     # Stored image 40 wide x 20 high with a red left half; orientation 6 means "rotate 90 cw to display".

@@ -111,6 +111,45 @@ def test_ground_truth_gives_dice(tiny_models: Path, tmp_path: Path) -> None:
     assert job0["iou"] == pytest.approx(frac0, abs=1e-6)
 
 
+def test_a_tiff_stack_is_one_item_per_page_scored_against_its_own_truth_page(tiny_models: Path,
+                                                                             tmp_path: Path) -> None:
+    """An image stack with a label stack beside it (microscopy's usual pair of files): every page is an
+    item with its own outputs and its own truth page. A label stack with a page too few fails only the page
+    it lacks, and says so."""
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    pages = [Image.fromarray(rgb)] * 3
+    for name in ("stack.tif", "short.tif"):
+        pages[0].save(tmp_path / name, save_all=True, append_images=pages[1:])
+    labels = [Image.fromarray(np.full((40, 50), c, np.uint8)) for c in (0, 1, 0)]
+    labels[0].save(tmp_path / "labels.tif", save_all=True, append_images=labels[1:])
+    labels[0].save(tmp_path / "labels2.tif", save_all=True, append_images=labels[1:2])
+
+    proc = run_cli("run", str(tmp_path / "stack.tif"), str(tmp_path / "short.tif"), "--truth",
+                   str(tmp_path / "labels.tif"), "--truth", str(tmp_path / "labels2.tif"), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    items = {(Path(i["source"]).name, i["key"]): i for i in out["items"]}
+    assert sorted(items) == sorted((f, f"page-{n:04d}") for f in ("stack.tif", "short.tif") for n in range(3))
+    for n, truth_class in enumerate((0, 1, 0)):
+        it = items["stack.tif", f"page-{n:04d}"]
+        assert it["status"] == "succeeded" and it["meta"]["page"] == n
+        assert {Path(a).name for a in it["artifacts"].values()} == {f"stack_page-{n:04d}_mask.png",
+                                                                    f"stack_page-{n:04d}_overlay.png"}
+        metrics = {m["class_id"]: m for m in it["metrics"]}
+        # The same photo on every page, so the same prediction; only the truth page differs. All of a page's
+        # truth is one class, so that class's IoU is its predicted share and the other classes' IoU is 0.
+        share = metrics.get(truth_class, {"pixel_count": 0})["pixel_count"] / (40 * 50)
+        assert metrics[truth_class]["iou"] == pytest.approx(share, abs=1e-6)
+        assert all(m["iou"] in (0.0, None) for c, m in metrics.items() if c != truth_class)
+    assert items["short.tif", "page-0001"]["status"] == "succeeded"
+    lacking = items["short.tif", "page-0002"]
+    assert lacking["status"] == "failed"
+    assert "labels2.tif holds 2 images and none for page-0002" in lacking["error"]
+
+
 def test_a_model_made_for_another_input_kind_runs_with_a_warning(tiny_models: Path, tmp_path: Path) -> None:
     """`--pipeline tiny-ct` on a photo: the user asked for it, so it runs, but the item says what it was made
     for, in JSON and in the human report; the DICOM item, which fits, carries no such warning."""

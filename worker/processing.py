@@ -243,16 +243,30 @@ def _artifact_key(job_id: uuid.UUID, item_id: uuid.UUID, name: str) -> str:
     return f"jobs/{job_id}/{item_id}/{name}"
 
 
-def _read_truth(path: str, options: dict[str, Any]) -> Any:
-    """Ground-truth class ids ``(H, W) uint8``; ``options['truth_map']`` maps stored values to class ids."""
+def _read_truth(path: str, options: dict[str, Any], key: str = "") -> Any:
+    """Ground-truth class ids ``(H, W) uint8`` for the item ``key`` of its input; ``options['truth_map']``
+    maps stored values to class ids.
+
+    A truth file with one image serves every item; one with several (a label stack beside an image stack)
+    gives each item the image with the same key (``page-0003`` for page 3).
+    """
     import numpy as np
 
-    from adapters import open_input
+    from adapters import AdapterError, open_input
 
+    base = split_key(key)[0]
     with fetch_input(path, get_settings().storage_options) as local:
         _, source = open_input(local)
         with source:
-            arr = next(iter(source.items())).read()[0]
+            items = list(source.items())
+            if len(items) == 1:
+                arr = items[0].read()[0]
+            else:
+                same = [it for it in items if it.key == base]
+                if not same:
+                    raise AdapterError(f"truth {os.path.basename(path)} holds {len(items)} images and none for "
+                                       f"{base or 'a single-image input'} (keys {items[0].key} ... {items[-1].key})")
+                arr = same[0].read()[0]
     mapping = options.get("truth_map")
     if mapping:
         out = np.full(arr.shape, 255, np.uint8)
@@ -354,7 +368,7 @@ def _run_one(job_id: uuid.UUID, t: tuple, model: Any, options: dict[str, Any]) -
             if model.spec.kind == "semantic":
                 from pipelines.semantic import segment_item
 
-                gt = _read_truth(truth, options) if truth else None
+                gt = _read_truth(truth, options, key) if truth else None
                 sink = fmt.semantic_sink(item, out_dir, model.spec.names_by_id(), model.spec.colors_by_id())
                 if isinstance(item, RegionItem):
                     rows = (item.start, item.stop)
@@ -441,7 +455,7 @@ def _run_semantic_batch(job_id: uuid.UUID, batch: Sequence[tuple], model: Any, o
                 out_dir = Path(tmp) / str(item_id)
                 out_dir.mkdir()
                 sink = fmt.semantic_sink(item, out_dir, model.spec.names_by_id(), model.spec.colors_by_id())
-                gt = _read_truth(truth, options) if truth else None
+                gt = _read_truth(truth, options, key) if truth else None
             except TransientError:
                 raise
             except Exception as exc:  # noqa: BLE001
