@@ -15,7 +15,8 @@ class InputIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(min_length=1, max_length=4096, description="server-side path (under the input roots) or URL")
-    truth: str | None = Field(default=None, max_length=4096, description="ground-truth mask for scoring")
+    truth: str | None = Field(default=None, max_length=4096, description=(
+        "ground-truth mask for scoring; a folder beside an input folder pairs by file name"))
 
 
 class JobOptions(BaseModel):

@@ -181,6 +181,31 @@ def part_rows(height: int, width: int, split_pixels: int) -> list[tuple[int, int
     return [(r, min(r + rows, height)) for r in range(0, height, rows)]
 
 
+def truth_for(path: str, root: str, truth: str | None) -> tuple[str | None, str | None]:
+    """``(truth file, note)`` for the input file ``path`` found under the submitted input ``root``.
+
+    A truth *file* serves every item of its input. A truth *folder* beside an input folder (``images/`` and
+    ``labels/``, as training sets are laid out) pairs by name: the file at the same path relative to the
+    folders, with the same stem and any extension (``images/a/07.png`` -> ``labels/a/07.tif``), preferring
+    the same extension when there are several. Without one, the input is segmented unscored and ``note``
+    says why. Object-store truth folders are not paired (the truth is used as given).
+    """
+    if truth is None or "://" in truth or not os.path.isdir(truth) or os.path.isdir(path):
+        return truth, None  # a DICOM series folder is one source: its truth is used as given
+    rel = os.path.relpath(path, root) if os.path.isdir(root) else os.path.basename(path)
+    folder = os.path.join(truth, os.path.dirname(rel))
+    stem, ext = os.path.splitext(os.path.basename(rel))
+    try:
+        names = sorted(n for n in os.listdir(folder)
+                       if os.path.splitext(n)[0] == stem and os.path.isfile(os.path.join(folder, n)))
+    except OSError:
+        names = []
+    if not names:
+        return None, f"no truth file named {stem}.* in {os.path.basename(os.path.normpath(folder))}/: not scored"
+    same = [n for n in names if os.path.splitext(n)[1].lower() == ext.lower()]
+    return os.path.join(folder, (same or names)[0]), None
+
+
 def expand_inputs(inputs: Sequence[dict[str, Any]], max_pixels: int, storage_options: dict[str, Any],
                   split_pixels: int | None = None) -> list[PlannedItem]:
     """Open every input and list its items. Inputs that cannot be read become failed items, not errors.
@@ -194,8 +219,8 @@ def expand_inputs(inputs: Sequence[dict[str, Any]], max_pixels: int, storage_opt
 
     planned: list[PlannedItem] = []
     for spec in inputs:
-        truth = spec.get("truth")
         for path in _walk(spec["path"]):
+            truth, note = truth_for(path, spec["path"], spec.get("truth"))
             try:
                 with fetch_input(path, storage_options) as local:
                     fmt, source = open_input(local, max_pixels=max_pixels)
@@ -205,6 +230,8 @@ def expand_inputs(inputs: Sequence[dict[str, Any]], max_pixels: int, storage_opt
                         raise AdapterError(f"{os.path.basename(path)}: contains no images")
                     for it in items:
                         meta = it.info.to_json()
+                        if note:
+                            meta["warnings"] = [*meta.get("warnings", []), note]
                         ranges = (part_rows(it.info.height, it.info.width, split_pixels)
                                   if split_pixels and it.streamable else [(0, it.info.height)])
                         if len(ranges) == 1:

@@ -150,6 +150,34 @@ def test_a_tiff_stack_is_one_item_per_page_scored_against_its_own_truth_page(tin
     assert "labels2.tif holds 2 images and none for page-0002" in lacking["error"]
 
 
+def test_a_truth_folder_scores_an_input_folder_by_file_name(tiny_models: Path, tmp_path: Path) -> None:
+    """`tileseg run images/ --truth labels/`: each photo is scored against the label of the same name; one
+    without a label is segmented, unscored, with a warning that says so."""
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for name, truth_class in (("a", 1), ("b", 0), ("c", None)):
+        Image.fromarray(rgb).save(tmp_path / "images" / f"{name}.png")
+        if truth_class is not None:
+            Image.fromarray(np.full((40, 50), truth_class, np.uint8)).save(tmp_path / "labels" / f"{name}.png")
+    proc = run_cli("run", str(tmp_path / "images"), "--truth", str(tmp_path / "labels"), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    items = {Path(i["source"]).stem: i for i in json.loads(proc.stdout)["items"]}
+    assert all(i["status"] == "succeeded" for i in items.values())
+    for name, truth_class in (("a", 1), ("b", 0)):
+        metrics = {m["class_id"]: m for m in items[name]["metrics"]}
+        share = metrics.get(truth_class, {"pixel_count": 0})["pixel_count"] / (40 * 50)
+        assert metrics[truth_class]["iou"] == pytest.approx(share, abs=1e-6)
+        assert all(m["iou"] in (0.0, None) for c, m in metrics.items() if c != truth_class)
+    assert all(m["iou"] is None for m in items["c"]["metrics"])
+    assert "no truth file named c.* in labels/: not scored" in items["c"]["meta"]["warnings"]
+    human = run_cli("results", json.loads(proc.stdout)["id"])
+    assert "c.png: no truth file named c.*" in human.stdout
+
+
 def test_a_model_made_for_another_input_kind_runs_with_a_warning(tiny_models: Path, tmp_path: Path) -> None:
     """`--pipeline tiny-ct` on a photo: the user asked for it, so it runs, but the item says what it was made
     for, in JSON and in the human report; the DICOM item, which fits, carries no such warning."""

@@ -143,3 +143,28 @@ def test_job_summaries_count_past_the_last_page(ts_env: dict[str, str]) -> None:
         assert jobs.list_job_summaries(conn, owner="a", offset=5) == ([], 2)  # total from the fallback COUNT
         assert jobs.list_job_summaries(conn, status="running", offset=0) == ([], 0)
         assert jobs.list_job_summaries(conn)[1] == 3
+
+
+def test_a_truth_folder_pairs_with_an_input_folder_by_name(tmp_path: Path) -> None:
+    """`images/` + `labels/`: each input gets the label with its relative path and stem, any extension,
+    the same extension first; an input without one is segmented unscored, with a note."""
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    for p in ("a.png", "b.jpg", "c.png", "sub/d.png"):
+        (images / p).parent.mkdir(parents=True, exist_ok=True)
+        (images / p).write_bytes(b"x")
+    for p in ("a.png", "b.png", "c.jpg", "c.png", "sub/d.tif", "sub/c.png"):
+        (labels / p).parent.mkdir(parents=True, exist_ok=True)
+        (labels / p).write_bytes(b"x")
+    root, truth = str(images), str(labels)
+    assert jobs.truth_for(str(images / "a.png"), root, truth) == (str(labels / "a.png"), None)
+    assert jobs.truth_for(str(images / "b.jpg"), root, truth) == (str(labels / "b.png"), None)
+    assert jobs.truth_for(str(images / "c.png"), root, truth) == (str(labels / "c.png"), None)
+    assert jobs.truth_for(str(images / "sub" / "d.png"), root, truth) == (str(labels / "sub" / "d.tif"), None)
+    (images / "e.png").write_bytes(b"x")
+    none, note = jobs.truth_for(str(images / "e.png"), root, truth)
+    assert none is None and note == "no truth file named e.* in labels/: not scored"
+    # A single file input with a truth folder: paired by its name; a truth file serves as given.
+    assert jobs.truth_for(str(images / "a.png"), str(images / "a.png"), truth) == (str(labels / "a.png"), None)
+    assert jobs.truth_for(str(images / "a.png"), root, str(labels / "c.png")) == (str(labels / "c.png"), None)
+    # A DICOM series folder submitted as one source keeps the truth as given.
+    assert jobs.truth_for(root, root, truth) == (truth, None)
