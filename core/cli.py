@@ -363,11 +363,16 @@ def cancel(job_id: str) -> None:
 
 def _spawn_worker(job_id: uuid.UUID) -> subprocess.Popen:
     """A local worker for `run` in embedded mode: same tasks, same queue, separate process (so TensorFlow
-    never loads in this process). Its log goes to the data directory, keeping stdout for results."""
+    never loads in this process). Its log goes to the data directory, keeping stdout for results.
+
+    One prefork child rather than the solo pool: the parent survives an item that kills the process working
+    on it (a decoder's segfault, the OOM killer), so the item is restarted and failed as on shared workers
+    instead of ending the run, and the task time limit applies (the solo pool cannot enforce it)."""
     logs = get_settings().data_path / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = open(logs / f"worker-{job_id}.log", "ab")  # noqa: SIM115 - handed to the child process
-    cmd = [sys.executable, "-m", "core.cli", "worker", "--pool", "solo", "--loglevel", "WARNING"]
+    cmd = [sys.executable, "-m", "core.cli", "worker", "--pool", "prefork", "--concurrency", "1",
+           "--loglevel", "WARNING"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
     return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
 
@@ -418,11 +423,13 @@ def _interrupted(job_id: uuid.UUID, local: bool) -> None:
 
 
 def _stop_worker(worker: subprocess.Popen) -> None:
-    """SIGTERM (Celery's warm shutdown: the task at hand finishes), SIGKILL after 30 s or a second Ctrl-C.
-    The worker runs in its own session, so it must never be left behind."""
+    """SIGTERM to the worker's main process (Celery's warm shutdown: its child finishes the task at hand),
+    SIGKILL to its whole process group after 30 s or a second Ctrl-C. The worker runs in its own session, so
+    it must never be left behind."""
     try:
-        os.killpg(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGTERM)
         worker.wait(30)
+        os.killpg(worker.pid, signal.SIGKILL)  # a pool child the main process left behind, if any
     except (subprocess.TimeoutExpired, KeyboardInterrupt):
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(10)

@@ -252,6 +252,50 @@ def test_ctrl_c_cancels_the_job_and_stops_the_local_worker(tiny_models: Path, ph
         assert job.items_done == 40  # every item either finished before the cancel or was cancelled
 
 
+def test_an_item_that_kills_the_local_worker_fails_alone(tiny_models: Path, photo_dir: Path,
+                                                         tmp_path: Path) -> None:
+    """`tileseg run` on a batch where one photo kills the process working on it (as a decoder's segfault or
+    the OOM killer would; injected, tests/fixtures/faults). The run's own worker survives it: the photo is
+    failed after TILESEG_ITEM_MAX_RESTARTS restarts, the others succeed, and the run ends with the job
+    partial. With a solo-pool local worker the first crash ended the whole run."""
+    import shutil
+
+    first = sorted(photo_dir.iterdir())[0]
+    shutil.copy(first, photo_dir / "crash-photo.jpg")
+    site = REPO / "tests" / "fixtures" / "faults" / "site"
+    env = {"TILESEG_INJECT_FAULTS": "1", "TILESEG_ITEM_MAX_RESTARTS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    proc = run_cli("run", str(photo_dir), "--json", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    by_name = {Path(i["source"]).name: i for i in out["items"]}
+    crashed = by_name.pop("crash-photo.jpg")
+    assert crashed["status"] == "failed" and "died" in crashed["error"]
+    assert by_name and all(i["status"] == "succeeded" for i in by_name.values())
+    assert out["status"] == "partial" and out["items_failed"] == 1
+
+
+def test_the_task_time_limit_applies_to_the_local_worker(tiny_models: Path, photo_dir: Path) -> None:
+    """A photo whose read never returns (injected) is failed at TILESEG_TASK_TIME_LIMIT under `tileseg run`
+    too; the GeoTIFF beside it, a task of its own, succeeds. The solo pool ignored the limit: the run hung."""
+    import shutil
+
+    hang = photo_dir.parent / "hang"
+    hang.mkdir()
+    shutil.copy(sorted(photo_dir.iterdir())[0], hang / "hang-photo.jpg")
+    site = REPO / "tests" / "fixtures" / "faults" / "site"
+    env = {"TILESEG_INJECT_FAULTS": "1", "TILESEG_TASK_TIME_LIMIT": "20",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    geotiff = REPO / "samples" / "geotiff" / "rio_img64.tif"
+    proc = run_cli("run", str(hang / "hang-photo.jpg"), str(geotiff), "--json", "--timeout", "300", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    by_name = {Path(i["source"]).name: i for i in out["items"]}
+    assert by_name["rio_img64.tif"]["status"] == "succeeded"
+    hung = by_name["hang-photo.jpg"]
+    assert hung["status"] == "failed" and "longer than TILESEG_TASK_TIME_LIMIT (20 s)" in hung["error"]
+
+
 def test_unknown_pipeline_is_refused(tiny_models: Path, photo_dir: Path) -> None:
     proc = run_cli("submit", str(photo_dir), "--pipeline", "nope")
     assert proc.returncode != 0 and "unknown pipeline" in proc.stderr
