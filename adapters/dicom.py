@@ -238,7 +238,9 @@ def _check_image(ds: Dataset, name: str, max_pixels: int) -> None:
             )
     if not ts.is_compressed and not deflated and length not in (None, 0xFFFFFFFF):
         bits = _int_or_none(ds.get("BitsAllocated")) or 8
-        expected = rows * cols * frames * spp * bits // 8
+        # YBR_FULL_422 stores two chroma samples per pair of pixels: 2 values per pixel, not 3.
+        per_pixel = 2 if spp == 3 and str(ds.get("PhotometricInterpretation", "")).upper() == "YBR_FULL_422" else spp
+        expected = rows * cols * frames * per_pixel * bits // 8
         if length < expected:
             raise AdapterError(f"{name}: truncated pixel data: {length} bytes, {expected} expected")
 

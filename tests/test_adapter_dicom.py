@@ -157,6 +157,40 @@ def test_mr_transfer_syntaxes_decode_the_same(name):
     assert np.array_equal(it.read(), ref)
 
 
+def test_jpeg_lossless_ct_decodes_to_the_same_hu(tmp_path):
+    """JPEG Lossless, Process 14 (1.2.840.10008.1.2.4.70), the compression most PACS exports use: GDCM re-encodes
+    CT_small.dcm with it here, and the adapter must read the same Hounsfield units. Without python-gdcm no
+    installed plugin decoded it ("cannot be decoded by the installed handlers")."""
+    import gdcm
+
+    src, dst = pyd_file("CT_small.dcm"), tmp_path / "ct_lossless.dcm"
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(src))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(dst))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    assert pydicom.dcmread(dst).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    (it,) = open_items(str(dst))
+    assert np.array_equal(it.read(), open_items(str(src))[0].read())
+    (rgb,) = open_items(pyd_file("SC_rgb_jpeg_gdcm.dcm"))  # pydicom's own JPEG Lossless sample, RGB
+    assert rgb.read().shape == (3, rgb.info.height, rgb.info.width)
+
+
+def test_ybr_full_422_uncompressed_is_not_called_truncated():
+    """Uncompressed YBR_FULL_422 holds 2 bytes per pixel (chroma shared by pixel pairs); the length check
+    expected 3 and refused the file as truncated."""
+    path = pyd_file("SC_ybr_full_422_uncompressed.dcm")
+    (it,) = open_items(path)
+    assert np.array_equal(it.read().transpose(1, 2, 0), pydicom.dcmread(path).pixel_array.astype(np.float32))
+
+
 def test_monochrome1_inverted():
     path = pyd_file("dicomdirtests/77654033/CR1/6154")
     ds = pydicom.dcmread(path)
@@ -245,9 +279,11 @@ def test_no_pixel_data(tmp_path):
 
 
 def test_unsupported_transfer_syntax_real_file():
-    # JPEG Lossless (process 14) needs GDCM or pylibjpeg-libjpeg; neither is installed.
-    with pytest.raises(AdapterError, match=r"JPEG Lossless.*1\.2\.840\.10008\.1\.2\.4\.70"):
-        DicomFormat().open(str(pyd_file("SC_rgb_jpeg_gdcm.dcm")))
+    # 12-bit JPEG Extended (process 4) needs pylibjpeg-libjpeg (GPL); neither GDCM's nor Pillow's plugin in
+    # pydicom takes 12-bit samples. The item fails with the reason; nothing else is affected.
+    (it,) = open_items(pyd_file("JPEG-lossy.dcm"))
+    with pytest.raises(AdapterError, match=r"JPEG-lossy.dcm: cannot decode .*JPEG Extended.*12-bit"):
+        it.read()
 
 
 def test_unsupported_transfer_syntax_faked(tmp_path):
