@@ -55,7 +55,7 @@ def detect(path: str) -> Format:
             return fmt
     raise UnsupportedInput(
         f"{os.path.basename(path.rstrip('/')) or path}: not a recognised image "
-        "(GeoTIFF, DICOM, JPEG, PNG, TIFF, WebP, BMP)"
+        "(GeoTIFF, DICOM, JPEG, PNG, TIFF, JPEG 2000, WebP, BMP)"
     )
 
 

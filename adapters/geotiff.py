@@ -71,6 +71,11 @@ __all__ = [
 ]
 
 _TIFF = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+#: JPEG 2000: the JP2 container (Sentinel-2, SPOT and Pleiades deliveries) and a bare codestream.
+_JP2 = (b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")
+_PNG_JPEG = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+#: Sidecar files that georeference a PNG or JPEG exported from a GIS: world files and GDAL's .aux.xml.
+_GEO_SIDECARS = (".wld", ".pgw", ".pngw", ".jgw", ".jpgw", ".jpegw")
 _GDAL_ERRORS = (RasterioError, CPLE_BaseError)
 _EARTH_RADIUS_M = 6_371_008.8
 
@@ -91,6 +96,14 @@ def _err(path: str, what: str, e: BaseException) -> AdapterError:
     # rasterio's "Read failed. See previous exception" hides GDAL's actual message in __cause__.
     detail = f"{e} ({e.__cause__})" if e.__cause__ is not None else str(e)
     return AdapterError(f"{Path(path).name}: {what}: {detail}")
+
+
+def has_geo_sidecar(path: str) -> bool:
+    """Whether a world file (``.wld``, ``.pgw``, ``.jgw`` ...) or GDAL's ``.aux.xml`` lies beside ``path``."""
+    stem, _ = os.path.splitext(path)
+    return os.path.isfile(path + ".aux.xml") or any(
+        os.path.isfile(stem + ext) or os.path.isfile(stem + ext.upper()) for ext in _GEO_SIDECARS
+    )
 
 
 def looks_geospatial(path: str) -> bool:
@@ -877,7 +890,8 @@ def write_geotiff_instances(
 
 
 class GeoTiffFormat(Format):
-    """GeoTIFFs and other georeferenced or non-photo TIFFs (many bands, 16-bit, float) via rasterio."""
+    """GeoTIFFs, other georeferenced or non-photo TIFFs (many bands, 16-bit, float), JPEG 2000, and PNG/JPEG
+    georeferenced by a world file, via rasterio. Outputs are GeoTIFFs whatever the input."""
 
     name = "geotiff"
 
@@ -887,8 +901,15 @@ class GeoTiffFormat(Format):
         self.polygon_chunk = polygon_chunk
 
     def sniff(self, path: str, head: bytes) -> bool:
-        """TIFF magic and :func:`looks_geospatial` (plain 8-bit RGB/gray TIFFs go to the photo adapter)."""
-        return head.startswith(_TIFF) and looks_geospatial(path)
+        """JPEG 2000 (any); TIFF when :func:`looks_geospatial` (plain 8-bit RGB/gray TIFFs go to the photo
+        adapter); PNG or JPEG only with a world file or ``.aux.xml`` beside it that georeferences it."""
+        if head.startswith(_JP2):
+            return True  # GDAL decodes JPEG 2000 where Pillow's decoder fails on GDAL-written files
+        if head.startswith(_TIFF):
+            return looks_geospatial(path)
+        if head.startswith(_PNG_JPEG) and has_geo_sidecar(path):
+            return looks_geospatial(path)
+        return False
 
     def open(self, path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
         """Opens the header only; :class:`InputTooLarge` when width * height > ``max_pixels``,

@@ -473,3 +473,63 @@ def test_detect_routes_rasters_to_geotiff():
 
     for name in ("RGB.byte.tif", "goes.tif", "spacenet6_rotterdam_ms4.tif"):
         assert detect(_sample(name)).name == "geotiff"
+
+
+def _jp2(path: Path, data: np.ndarray, **kw) -> Path:
+    return _write(path, data, driver="JP2OpenJPEG", QUALITY=100, REVERSIBLE="YES", **kw)
+
+
+def test_georeferenced_jpeg2000_is_a_raster_not_a_photo(tmp_path):
+    """A georeferenced JPEG 2000 (as Sentinel-2, SPOT or Pleiades deliver bands) is read window by window with
+    its CRS, and the outputs are GeoTIFFs in that CRS. It was refused as "not a recognised image"."""
+    from adapters import detect
+
+    data = np.random.default_rng(4).integers(0, 4000, (1, 200, 300), np.uint16)
+    p = _jp2(tmp_path / "T33TWN_B04.jp2", data, crs=UTM, transform=T10)
+    fmt = detect(str(p))
+    assert fmt.name == "geotiff"
+    with fmt.open(str(p)) as src:
+        (item,) = list(src.items())
+        assert item.info.extra["driver"] == "JP2OpenJPEG" and item.info.pixel_area == pytest.approx(100.0)
+        assert CRS.from_wkt(item.info.crs_wkt) == UTM
+        np.testing.assert_array_equal(item.read(Window(10, 20, 64, 32)), data[:, 20:52, 10:74])
+        sink = fmt.semantic_sink(item, tmp_path / "out", NAMES, COLORS)
+        sink.write(Window(0, 0, 300, 200), np.ones((200, 300), np.uint8), np.full((200, 300), 0.5, np.float32))
+        arts = {a.kind: a.path for a in sink.close()}
+    with rasterio.open(arts["class_raster"]) as out:
+        assert out.driver == "GTiff" and out.crs == UTM and out.transform == T10
+
+
+def test_jpeg2000_without_georeferencing_is_read_by_gdal(tmp_path):
+    """Pillow's decoder fails on GDAL-written JPEG 2000 ("broken data stream"), so every JPEG 2000 goes to
+    GDAL; without a CRS it is processed in pixel space with a warning, like a plain 16-bit TIFF."""
+    from adapters import detect
+
+    data = np.random.default_rng(5).integers(0, 255, (3, 40, 50), np.uint8)
+    p = _jp2(tmp_path / "photo.jp2", data)
+    fmt = detect(str(p))
+    assert fmt.name == "geotiff"
+    with fmt.open(str(p)) as src:
+        item = next(src.items())
+        assert any("no CRS" in w for w in item.info.warnings)
+        np.testing.assert_array_equal(item.read(), data)
+
+
+def test_png_with_a_world_file_is_georeferenced(tmp_path):
+    """A GIS export: PNG + world file (+ .aux.xml for the CRS). Without the sidecars the same PNG is a photo."""
+    from PIL import Image
+
+    from adapters import detect
+
+    data = np.random.default_rng(6).integers(0, 255, (30, 40, 3), np.uint8)
+    p = tmp_path / "export.png"
+    Image.fromarray(data).save(p)
+    assert detect(str(p)).name == "photo"
+    (tmp_path / "export.pgw").write_text("10.0\n0.0\n0.0\n-10.0\n500005.0\n4599995.0\n")
+    (tmp_path / "export.png.aux.xml").write_text(f"<PAMDataset><SRS>{UTM.to_wkt()}</SRS></PAMDataset>")
+    fmt = detect(str(p))
+    assert fmt.name == "geotiff"
+    with fmt.open(str(p)) as src:
+        item = next(src.items())
+        assert item.info.transform == tuple(T10)[:6] and CRS.from_wkt(item.info.crs_wkt) == UTM
+        np.testing.assert_array_equal(item.read(), data.transpose(2, 0, 1))
