@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterable
 from functools import cache
 
 from adapters.base import (
@@ -16,6 +17,41 @@ from adapters.base import (
     Source,
     UnsupportedInput,
 )
+
+#: Files that are never inputs of their own when a folder is walked.
+SKIP_NAMES = frozenset({".DS_Store", "Thumbs.db", "DICOMDIR"})
+#: World files (georeferencing of the image with the same stem), and ESRI's projection file.
+_STEM_SIDECARS = frozenset({".wld", ".tfw", ".tifw", ".tiffw", ".pgw", ".pngw", ".jgw", ".jpgw", ".jpegw", ".j2w",
+                            ".bpw", ".gfw", ".prj"})
+#: Sidecars named after the whole file name: GDAL's PAM metadata, external overviews and masks.
+_NAME_SIDECARS = (".aux.xml", ".ovr", ".msk")
+
+
+def folder_inputs(names: Iterable[str]) -> list[str]:
+    """The names of one folder's files that are inputs of their own, sorted.
+
+    Left out: hidden files, :data:`SKIP_NAMES`, and the sidecars GDAL reads together with another file of the
+    folder: ``X.aux.xml``, ``X.ovr`` and ``X.msk`` beside ``X``, and world files and ``.prj`` files that share
+    a stem with another file (``scene.tfw`` beside ``scene.tif``). A sidecar without its raster stays an input
+    (and is refused as not an image, so the user sees it).
+    """
+    names = sorted(n for n in names if not n.startswith(".") and n not in SKIP_NAMES)
+    present = set(names)
+    stems: dict[str, int] = {}
+    for n in names:
+        stem = os.path.splitext(n)[0]
+        stems[stem] = stems.get(stem, 0) + 1
+
+    def sidecar(n: str) -> bool:
+        low = n.lower()
+        for suffix in _NAME_SIDECARS:
+            if low.endswith(suffix) and n[: -len(suffix)] in present:
+                return True
+        stem, ext = os.path.splitext(n)
+        return ext.lower() in _STEM_SIDECARS and stems.get(stem, 0) > 1
+
+    return [n for n in names if not sidecar(n)]
+
 
 #: Module and class of each registered format, in sniffing order (most specific first).
 FORMAT_CLASSES: dict[str, str] = {

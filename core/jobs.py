@@ -38,9 +38,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Files we never treat as inputs when walking a folder.
-_SKIP_NAMES = {".DS_Store", "Thumbs.db", "DICOMDIR"}
-
 
 class PathNotAllowed(ValueError):
     """A server-side input path resolves outside the configured input roots."""
@@ -102,8 +99,9 @@ def create_job(
 
 
 def _walk(path: str) -> Iterable[str]:
-    """Files and DICOM-series folders under ``path``, in a stable order."""
-    from adapters import detect
+    """Files and DICOM-series folders under ``path``, in a stable order (sidecars such as world files and
+    ``.aux.xml`` go with their raster, :func:`adapters.folder_inputs`)."""
+    from adapters import detect, folder_inputs
 
     if "://" in path:
         yield from _walk_url(path)
@@ -126,16 +124,14 @@ def _walk(path: str) -> Iterable[str]:
         yield path
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames.sort()
-            for name in sorted(filenames):
+            for name in folder_inputs(filenames):
                 p = os.path.join(dirpath, name)
-                if not (name.startswith(".") or name in _SKIP_NAMES or looks_dicom(Path(p))):
+                if not looks_dicom(Path(p)):
                     yield p
         return
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames.sort()
-        for name in sorted(filenames):
-            if name.startswith(".") or name in _SKIP_NAMES:
-                continue
+        for name in folder_inputs(filenames):
             yield os.path.join(dirpath, name)
 
 
@@ -150,8 +146,13 @@ def _walk_url(url: str) -> Iterable[str]:
     if not fs.isdir(root):
         yield url
         return
+    from adapters import folder_inputs
+
     proto = url.split("://", 1)[0]
-    files = sorted(f for f in fs.find(root) if not os.path.basename(f).startswith("."))
+    by_folder: dict[str, list[str]] = {}
+    for f in fs.find(root):
+        by_folder.setdefault(os.path.dirname(f), []).append(os.path.basename(f))
+    files = sorted(os.path.join(d, n) for d, names in by_folder.items() for n in folder_inputs(names))
     if files:
         with fs.open(files[0], "rb") as fh:
             if fh.read(132)[128:132] == b"DICM":

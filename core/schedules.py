@@ -78,7 +78,6 @@ log = logging.getLogger(__name__)
 HASH_LIMIT = 64 * 1024 * 1024
 #: A run still "running" or "enqueuing" after this long was abandoned by a process that died.
 STUCK_AFTER = timedelta(minutes=10)
-_SKIP_NAMES = {".DS_Store", "Thumbs.db", "DICOMDIR"}
 #: Suffixes that are certainly not DICOM (spares opening every photo to sniff it).
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif"}
 
@@ -278,10 +277,12 @@ def _looks_dicom(path: str) -> bool:
 def _listing(root: str) -> list[tuple[str, list[str]]]:
     """(folder, files directly in it) for ``root`` and every sub-folder, sorted; hidden names skipped.
     Symlinked folders are not followed (a link could loop or leave the input roots)."""
+    from adapters import folder_inputs
+
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        names = sorted(n for n in filenames if not n.startswith(".") and n not in _SKIP_NAMES)
+        names = folder_inputs(filenames)
         out.append((dirpath, [os.path.join(dirpath, n) for n in names]))
     return out
 
@@ -298,6 +299,8 @@ def _inside(path: str, roots: Sequence[Path]) -> bool:
 
 def _units(location: str) -> list[tuple[str, str, list[str]]]:
     """Split a location into inputs: [(path, kind, member files)], kind "file", "dicom-file" or "series"."""
+    from adapters import SKIP_NAMES
+
     is_glob = any(ch in location for ch in "*?[") and not os.path.exists(location)
     if is_glob:
         tops = sorted(glob.glob(location, recursive=True))
@@ -309,7 +312,7 @@ def _units(location: str) -> list[tuple[str, str, list[str]]]:
     seen: set[str] = set()
     for top in tops:
         if os.path.isfile(top):
-            if top not in seen and os.path.basename(top) not in _SKIP_NAMES:
+            if top not in seen and os.path.basename(top) not in SKIP_NAMES:
                 seen.add(top)
                 units.append((top, "dicom-file" if _looks_dicom(top) else "file", [top]))
             continue

@@ -168,3 +168,19 @@ def test_a_truth_folder_pairs_with_an_input_folder_by_name(tmp_path: Path) -> No
     assert jobs.truth_for(str(images / "a.png"), root, str(labels / "c.png")) == (str(labels / "c.png"), None)
     # A DICOM series folder submitted as one source keeps the truth as given.
     assert jobs.truth_for(root, root, truth) == (truth, None)
+
+
+def test_sidecars_go_with_their_raster_when_a_folder_is_walked(tmp_path: Path) -> None:
+    """A GIS delivery: each raster with its world file, projection, PAM metadata and external overviews.
+    Only the rasters are inputs; before, every sidecar became a failed item ("not a recognised image") and
+    the job ended `partial`. A sidecar without its raster stays an input, so the user hears of it."""
+    from core import schedules
+
+    names = ["scene.tif", "scene.tfw", "scene.prj", "scene.tif.aux.xml", "scene.tif.ovr", "scene.tif.msk",
+             "export.png", "export.PGW", "export.png.aux.xml", "lonely.tfw", "notes.txt", ".hidden.tif", "Thumbs.db"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    walked = [Path(p).name for p in jobs._walk(str(tmp_path))]
+    assert walked == ["export.png", "lonely.tfw", "notes.txt", "scene.tif"]
+    units = [Path(u[0]).name for u in schedules._units(str(tmp_path))]
+    assert sorted(units) == walked
