@@ -91,7 +91,7 @@ def detect(path: str) -> Format:
             return fmt
     raise UnsupportedInput(
         f"{os.path.basename(path.rstrip('/')) or path}: not a recognised image "
-        "(GeoTIFF, DICOM, JPEG, PNG, TIFF, JPEG 2000, WebP, BMP)"
+        "(GeoTIFF, DICOM, JPEG, PNG, TIFF, JPEG 2000, WebP, AVIF, HEIC, BMP)"
     )
 
 

@@ -1,4 +1,5 @@
-"""Photos (JPEG, PNG, non-geo TIFF, WebP, BMP, GIF) through Pillow.
+"""Photos (JPEG, PNG, non-geo TIFF, WebP, AVIF, HEIC/HEIF, BMP, GIF) through Pillow (HEIC with pillow-heif,
+the ``heic`` extra).
 
 A photo source has one item (key ``""``). Pixels are always ``(3, H, W) uint8`` RGB after EXIF orientation:
 grayscale, palette, CMYK and RGBA inputs are converted, 16-bit inputs are scaled by 1/257 (full range, so
@@ -23,6 +24,7 @@ import re
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,38 @@ _NOT_AN_IMAGE = 0x1 | 0x4
 _PIL_ERRORS = (
     UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError
 )
+
+
+#: ISO base media file brands of still images: HEIF/HEIC (phone cameras since 2017) and AVIF.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"})
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+
+
+def isobmff_brand(head: bytes) -> str | None:
+    """``"avif"`` or ``"heif"`` when ``head`` (the file's first bytes) opens an ISO-BMFF ``ftyp`` box naming
+    one of their brands, major or compatible (AVIF wins: AVIF files also list the generic ``mif1``); else None.
+    """
+    if head[4:8] != b"ftyp":
+        return None
+    size = int.from_bytes(head[:4], "big")
+    end = min(max(size, 16), len(head), 256)
+    brands = {head[8:12]} | {head[i : i + 4] for i in range(16, end - 3, 4)}
+    if brands & _AVIF_BRANDS:
+        return "avif"
+    if brands & _HEIF_BRANDS:
+        return "heif"
+    return None
+
+
+@cache
+def _heif_opener() -> bool:
+    """Register pillow-heif's HEIC/HEIF opener with Pillow (once per process); False when not installed."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 # --------------------------------------------------------------------------------------------- rendering
@@ -332,12 +366,16 @@ def _open_photo(path: str, max_pixels: int) -> PhotoSource:
         raise UnsupportedInput(f"{name}: no such file")
     if p.stat().st_size == 0:
         raise UnsupportedInput(f"{name}: empty file")
+    with open(path, "rb") as fh:
+        if isobmff_brand(fh.read(256)) == "heif" and not _heif_opener():
+            raise UnsupportedInput(f"{name}: a HEIC/HEIF photo, and pillow-heif is not installed "
+                                   "(pip install 'tileseg[heic]')")
     try:
         im = _open_image(path)  # header only: no pixel buffer yet
     except Image.DecompressionBombError as e:
         raise InputTooLarge(f"{name}: declared size is too large ({e})") from e
     except UnidentifiedImageError as e:
-        raise UnsupportedInput(f"{name}: not a readable image (JPEG, PNG, TIFF, WebP, BMP, GIF)") from e
+        raise UnsupportedInput(f"{name}: not a readable image (JPEG, PNG, TIFF, WebP, AVIF, HEIC, BMP, GIF)") from e
     except _PIL_ERRORS as e:
         raise AdapterError(f"{name}: corrupt image header ({type(e).__name__}: {e})") from e
     try:
@@ -510,15 +548,18 @@ def write_photo_instances(
 
 
 class PhotoFormat(Format):
-    """JPEG, PNG, TIFF without georeferencing, WebP, BMP and GIF via Pillow."""
+    """JPEG, PNG, TIFF without georeferencing, WebP, AVIF, HEIC/HEIF (pillow-heif), BMP and GIF via Pillow."""
 
     name = "photo"
 
     def sniff(self, path: str, head: bytes) -> bool:
-        """Magic bytes; TIFFs only when the GeoTIFF adapter does not claim them (no CRS, 1-3 uint8 bands)."""
+        """Magic bytes (HEIC/HEIF and AVIF by their ``ftyp`` brands); TIFFs only when the GeoTIFF adapter does
+        not claim them (no CRS, 1-3 uint8 bands)."""
         if head.startswith((_JPEG, _PNG, _BMP) + _GIF):
             return True
         if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+            return True
+        if isobmff_brand(head) is not None:
             return True
         if head.startswith(_TIFF):
             from adapters.geotiff import looks_geospatial  # lazy: geotiff imports this module

@@ -187,6 +187,48 @@ def test_tiff_overviews_are_not_pages(tmp_path, fmt):
         np.testing.assert_array_equal(item.read(), data)
 
 
+def _phone_photo() -> np.ndarray:
+    """(40, 60, 3) uint8: smooth gradients (lossy codecs keep them) and a white block in the top-left corner,
+    so a rotation shows."""
+    y, x = np.mgrid[0:40, 0:60]
+    a = np.stack([x * 4, y * 6, (x + y) * 2], axis=-1).astype(np.uint8)
+    a[:10, :20] = 255
+    return a
+
+
+@pytest.mark.parametrize("suffix", [".heic", ".avif"])
+def test_heic_and_avif_phone_photos_are_read_upright(tmp_path, fmt, suffix):
+    """HEIC (iPhones' default since 2017) and AVIF, with EXIF orientation 6 as a phone held upright writes it:
+    decoded upright, as JPEGs are. Both were refused as "not a readable image"."""
+    from adapters.photo import _heif_opener
+
+    assert _heif_opener()  # pillow-heif, from the test extra, writes the HEIC sample
+    a = _phone_photo()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    p = tmp_path / f"IMG_0001{suffix}"
+    Image.fromarray(a).save(p, exif=exif.tobytes(), quality=95)
+    assert fmt.sniff(str(p), _head(p))
+    src, item = _open_one(fmt, p)
+    with src:
+        assert (item.info.height, item.info.width) == (60, 40)
+        px = item.read().transpose(1, 2, 0).astype(int)
+    upright = np.rot90(a, -1).astype(int)  # orientation 6: rotate 90 degrees clockwise to display
+    assert np.abs(px - upright).mean() < 4
+    assert (px[:20, -10:] > 230).all()  # the white block moved to the top-right corner
+
+
+def test_heic_without_pillow_heif_names_what_to_install(tmp_path, fmt, monkeypatch):
+    import adapters.photo as photo
+
+    p = tmp_path / "IMG_0002.heic"
+    assert photo._heif_opener()
+    Image.fromarray(_phone_photo()).save(p)
+    monkeypatch.setattr(photo, "_heif_opener", lambda: False)
+    with pytest.raises(UnsupportedInput, match=r"IMG_0002.heic: a HEIC/HEIF photo, and pillow-heif is not installed"):
+        fmt.open(str(p))
+
+
 @pytest.mark.parametrize("orientation, rot", [(6, -90), (8, 90), (3, 180)])
 def test_exif_orientation_applied(tmp_path, fmt, orientation, rot):
     # Stored image 40 wide x 20 high with a red left half; orientation 6 means "rotate 90 cw to display".
