@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -182,6 +183,11 @@ def part_rows(height: int, width: int, split_pixels: int) -> list[tuple[int, int
     return [(r, min(r + rows, height)) for r in range(0, height, rows)]
 
 
+def _redacted(path: str) -> str:
+    """``path`` with any ``user:password@`` of a URL removed, for messages and logs."""
+    return re.sub(r"^([a-zA-Z][\w+.-]*://)[^/@]*@", r"\1", path)
+
+
 def truth_for(path: str, root: str, truth: str | None) -> tuple[str | None, str | None]:
     """``(truth file, note)`` for the input file ``path`` found under the submitted input ``root``.
 
@@ -220,7 +226,16 @@ def expand_inputs(inputs: Sequence[dict[str, Any]], max_pixels: int, storage_opt
 
     planned: list[PlannedItem] = []
     for spec in inputs:
-        for path in _walk(spec["path"]):
+        try:
+            paths = list(_walk(spec["path"]))
+        except Exception as exc:  # noqa: BLE001 - an unreachable URL or unlistable folder fails this input only
+            log.warning("cannot list input %s: %s", _redacted(spec["path"]), exc)
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            planned.append(PlannedItem(source=spec["path"], key="", group=None, format=None, truth=spec.get("truth"),
+                                       meta={}, error=f"{_redacted(spec['path'])}: cannot be listed "
+                                                      f"({type(exc).__name__}: {first})"))
+            continue
+        for path in paths:
             truth, note = truth_for(path, spec["path"], spec.get("truth"))
             try:
                 with fetch_input(path, storage_options) as local:

@@ -184,3 +184,21 @@ def test_sidecars_go_with_their_raster_when_a_folder_is_walked(tmp_path: Path) -
     assert walked == ["export.png", "lonely.tfw", "notes.txt", "scene.tif"]
     units = [Path(u[0]).name for u in schedules._units(str(tmp_path))]
     assert sorted(units) == walked
+
+
+def test_an_input_that_cannot_be_listed_fails_alone(tmp_path: Path) -> None:
+    """A URL nobody can list (unknown scheme, unreachable host) became an exception in planning: the plan
+    task failed, and the job stayed `queued` for ever, its good inputs with it. Now that input is a failed
+    item naming it (credentials removed) and the others are planned."""
+    from PIL import Image
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8)).save(good)
+    planned = jobs.expand_inputs([{"path": "nosuchscheme://alice:s3cret@host/scene.tif"}, {"path": str(good)}],
+                                 max_pixels=10**8, storage_options={})
+    assert [p.error is None for p in planned] == [False, True]
+    bad = planned[0]
+    assert bad.source == "nosuchscheme://alice:s3cret@host/scene.tif"
+    assert bad.error.startswith("nosuchscheme://host/scene.tif: cannot be listed (ValueError: ")
+    assert "s3cret" not in bad.error
+    assert planned[1].source == str(good) and planned[1].format == "photo"
