@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from datetime import datetime
@@ -42,7 +43,18 @@ async def _readable_422(_: Request, exc: RequestValidationError) -> JSONResponse
 
 
 def jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
+    """``obj`` as plain JSON values; anything else, and NaN or infinite floats (which strict JSON lacks, so a
+    422 echoing them back failed with a 500), become strings."""
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [finite(x) for x in v]
+        return v
+
+    return finite(json.loads(json.dumps(obj, default=str)))
 
 
 def _job_or_404(session: Any, job_id: uuid.UUID, owner: Principal) -> Any:
@@ -136,9 +148,53 @@ async def _uploaded_inputs(request: Request, job_hint: uuid.UUID) -> tuple[list[
     return inputs, fields
 
 
+#: The JSON body of POST /jobs, documented by hand because the route reads JSON or multipart itself; its models
+#: go to the document's components, where a ``$ref`` resolves (a bare ``$defs`` inside a route does not).
+_JOB_IN_SCHEMA = schemas.JobIn.model_json_schema(ref_template="#/components/schemas/{model}")
+_JOB_IN_DEFS = {"JobIn": _JOB_IN_SCHEMA, **_JOB_IN_SCHEMA.pop("$defs", {})}
+
+
+def _openapi_with_job_in(default: Any = app.openapi) -> dict[str, Any]:
+    if app.openapi_schema is None:
+        schema = default()
+        found = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, model in _JOB_IN_DEFS.items():
+            found.setdefault(name, model)
+        # Every 422 answers {"detail": "<readable sentence>", "errors": [...]} (_readable_422), not FastAPI's
+        # {"detail": [...]}, and the document says so.
+        found["HTTPValidationError"] = schemas.ValidationProblem.model_json_schema()
+        _document_errors(schema)
+    return app.openapi_schema
+
+
+app.openapi = _openapi_with_job_in  # type: ignore[method-assign]
+
+
+def _document_errors(schema: dict[str, Any]) -> None:
+    """Add the error answers every route gives to the document, so that clients generated from it expect them:
+    401 without a valid token (all but /health and the pages), 404 for an unknown or foreign ID in the path,
+    422 for a bad request, 400 for a body that does not parse, and POST /jobs' 413 (too large) and 503 (queue
+    down). Found missing by schemathesis (``st run .../openapi.json --checks all``)."""
+    problem = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}}}
+    for path, ops in schema.get("paths", {}).items():
+        for method, op in ops.items():
+            answers = op.setdefault("responses", {})
+            codes = {"422": "bad request: the detail says what is wrong"}
+            if "requestBody" in op:
+                codes["400"] = "the body could not be parsed"
+            if path != "/health" and not path.startswith("/ui"):
+                codes["401"] = "missing, unknown or revoked token"
+            if "{" in path:
+                codes["404"] = "no such ID, or not the caller's"
+            if path == "/jobs" and method == "post":
+                codes |= {"413": "uploads or inputs over the limits", "503": "the queue is unreachable"}
+            for code, text in codes.items():
+                answers.setdefault(code, {"description": text, **problem})
+
+
 @app.post("/jobs", status_code=202, response_model=schemas.JobOut, tags=["jobs"],
           openapi_extra={"requestBody": {"content": {
-              "application/json": {"schema": schemas.JobIn.model_json_schema()},
+              "application/json": {"schema": {"$ref": "#/components/schemas/JobIn"}},
               "multipart/form-data": {"schema": {"type": "object", "properties": {
                   "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
                   "pipeline": {"type": "string"}, "options": {"type": "string", "description": "JSON"}}}}}}})
@@ -197,11 +253,13 @@ def _json(model: Any) -> Response:
 @app.get("/jobs", response_model=schemas.JobList, tags=["jobs"])
 def list_jobs(owner: Owner, status_: Annotated[str | None, Query(alias="status")] = None,
               since: datetime | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-              offset: Annotated[int, Query(ge=0)] = 0) -> Response:
+              offset: Annotated[int, Query(ge=0, le=schemas.MAX_OFFSET)] = 0) -> Response:
     from core.models import JobStatus
 
     if status_ is not None and status_ not in JobStatus.__members__:
         raise HTTPException(422, f"status: must be one of {', '.join(JobStatus.__members__)}")
+    if since is not None:
+        since = schemas.as_utc(since)  # a time without an offset is UTC, as every time the API returns
     with engine().connect() as conn:
         rows, total = jobs.list_job_summaries(conn, owner=owner.scope, status=status_, since=since,
                                               limit=limit, offset=offset)
@@ -238,7 +296,7 @@ def cancel(job_id: uuid.UUID, owner: Owner) -> schemas.JobOut:
 @app.get("/jobs/{job_id}/items", response_model=schemas.ItemList, tags=["results"])
 def list_items(job_id: uuid.UUID, owner: Owner, status_: Annotated[str | None, Query(alias="status")] = None,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-               offset: Annotated[int, Query(ge=0)] = 0) -> schemas.ItemList:
+               offset: Annotated[int, Query(ge=0, le=schemas.MAX_OFFSET)] = 0) -> schemas.ItemList:
     with session_scope() as session:
         _job_or_404(session, job_id, owner)
         rows, total = jobs.list_items(session, job_id, status=status_, limit=limit, offset=offset)

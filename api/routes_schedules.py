@@ -8,14 +8,13 @@ message.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import CurrentPrincipal
-from api.schemas import JobOptions, Page
+from api.schemas import MAX_OFFSET, JobOptions, Page, UtcDatetime
 from core import schedules
 from core.db import session_scope
 from core.models import Job, Schedule, ScheduleRun
@@ -70,10 +69,10 @@ class ScheduleOut(BaseModel):
     options: dict[str, Any]
     enabled: bool
     settle_seconds: int
-    created_at: datetime
-    last_run_for: datetime | None
-    last_success_at: datetime | None
-    next_run_at: datetime | None
+    created_at: UtcDatetime
+    last_run_for: UtcDatetime | None
+    last_success_at: UtcDatetime | None
+    next_run_at: UtcDatetime | None
 
     @classmethod
     def of(cls, s: Schedule) -> ScheduleOut:
@@ -98,8 +97,8 @@ class ScheduleOut(BaseModel):
 class RunOut(BaseModel):
     id: uuid.UUID
     schedule_id: uuid.UUID
-    scheduled_for: datetime
-    started_at: datetime
+    scheduled_for: UtcDatetime
+    started_at: UtcDatetime
     outcome: str = Field(description="running | enqueuing | submitted | nothing_new | failed")
     job_id: uuid.UUID | None
     job_status: str | None
@@ -227,7 +226,7 @@ def runs(
     schedule_id: uuid.UUID,
     who: CurrentPrincipal,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> RunList:
     """The schedule's runs, newest first, with outcome and the status of the job each submitted."""
     with session_scope() as session:

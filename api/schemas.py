@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator
 
 from core.models import ClassMetric, InstanceRow, Item, Job
+
+#: Largest page offset accepted: far beyond any real listing, and inside the databases' 64-bit integers (an
+#: offset of 10^21 reached SQLite and failed with a 500).
+MAX_OFFSET = 1_000_000_000
+
+
+def as_utc(value: datetime) -> datetime:
+    """``value`` as an aware UTC datetime. The database keeps UTC; SQLite hands it back without the offset."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+#: A time in responses: RFC 3339 with its UTC offset (``2026-11-27T04:56:35.710684+00:00``), in both modes.
+#: Embedded mode used to send it without one, which strict clients reject and browsers read as local time.
+UtcDatetime = Annotated[datetime, PlainSerializer(lambda v: as_utc(v).isoformat(), return_type=str)]
+
+
+class ValidationProblem(BaseModel):
+    """The body of every 422."""
+
+    detail: str = Field(description="what is wrong, one readable sentence per problem, joined by '; '")
+    errors: list[dict[str, Any]] = Field(default_factory=list, description="pydantic's structured errors, if any")
 
 
 class InputIn(BaseModel):
@@ -54,9 +75,9 @@ class JobOut(BaseModel):
     items_failed: int
     progress: float
     error: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -140,8 +161,8 @@ class ItemOut(BaseModel):
     error: str | None
     meta: dict[str, Any]
     artifacts: list[ArtifactOut]
-    started_at: datetime | None
-    finished_at: datetime | None
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
 
     @classmethod
     def of(cls, item: Item, base_url: str = "") -> ItemOut:
