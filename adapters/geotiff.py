@@ -357,59 +357,74 @@ def tiff_pages(ds: rasterio.DatasetReader) -> list[str]:
 
 
 class GeoTiffSource(Source):
-    """An opened raster file: one item, or one per page of a multi-page TIFF (keys ``page-0000``, ...)."""
+    """An opened raster file: one item, or one per page of a multi-page TIFF (keys ``page-0000``, ...).
+
+    Pages are opened when asked for: :meth:`items` opens each in turn (planning), :meth:`item` only the one
+    named, so a worker processing page 1999 of a stack does not open the 1999 before it (opening a page walks
+    the file's chain of pages, so opening them all cost 29 s for 2,000 pages, at every item).
+    """
 
     format = "geotiff"
 
     def __init__(self, path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.path = path
-        name = Path(path).name
+        self._name = Path(path).name
+        self._max_pixels = max_pixels
+        self._opened: list[GeoTiffItem] = []
         if not os.path.isfile(path):
-            raise UnsupportedInput(f"{name}: no such file")
+            raise UnsupportedInput(f"{self._name}: no such file")
         if os.path.getsize(path) == 0:
-            raise UnsupportedInput(f"{name}: empty file")
+            raise UnsupportedInput(f"{self._name}: empty file")
         try:
             with _NoGeoWarnings():
                 ds = rasterio.open(path)  # reads the header and IFDs only: no pixel buffer
         except _GDAL_ERRORS as e:
             raise _err(path, "cannot open as a raster (corrupt, truncated or not a TIFF)", e) from e
         try:
-            pages = tiff_pages(ds)
-            if len(pages) <= 1:
-                _check_size(ds, name, max_pixels)
-                self._items = [GeoTiffItem(path, ds)]
+            self._pages = tiff_pages(ds)
+            if len(self._pages) <= 1:
+                self._pages = []
+                _check_size(ds, self._name, max_pixels)
+                self._opened = [GeoTiffItem(path, ds)]
                 return
         except BaseException:
             ds.close()
             raise
         ds.close()
-        self._items = []
+
+    def _page(self, n: int) -> GeoTiffItem:
+        sub = self._pages[n]
         try:
-            for n, sub in enumerate(pages):
-                label = f"{name} page {n}"
-                try:
-                    with _NoGeoWarnings():
-                        page = rasterio.open(sub)
-                except _GDAL_ERRORS as e:
-                    raise _err(path, f"page {n} of {len(pages)} cannot be opened", e) from e
-                try:
-                    _check_size(page, label, max_pixels)
-                    item = GeoTiffItem(path, page, key=f"page-{n:04d}", dataset_name=sub)
-                except BaseException:
-                    page.close()
-                    raise
-                item.info.extra.update(page=n, pages=len(pages))
-                item.release()
-                self._items.append(item)
+            with _NoGeoWarnings():
+                page = rasterio.open(sub)
+        except _GDAL_ERRORS as e:
+            raise _err(self.path, f"page {n} of {len(self._pages)} cannot be opened", e) from e
+        try:
+            _check_size(page, f"{self._name} page {n}", self._max_pixels)
+            item = GeoTiffItem(self.path, page, key=f"page-{n:04d}", dataset_name=sub)
         except BaseException:
-            self.close()
+            page.close()
             raise
+        item.info.extra.update(page=n, pages=len(self._pages))
+        item.release()
+        self._opened.append(item)
+        return item
 
     def items(self) -> Iterator[Item]:
-        yield from self._items
+        if not self._pages:
+            yield from self._opened
+            return
+        for n in range(len(self._pages)):
+            yield self._page(n)
+
+    def item(self, key: str) -> Item:
+        m = re.fullmatch(r"page-(\d+)", key)
+        if self._pages and m and int(m.group(1)) < len(self._pages):
+            return self._page(int(m.group(1)))
+        return super().item(key)
 
     def close(self) -> None:
-        for it in self._items:
+        for it in self._opened:
             it.close()
 
 

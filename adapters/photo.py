@@ -314,6 +314,42 @@ class PhotoSource(Source):
             it.close()
 
 
+class _PhotoStack(PhotoSource):
+    """A multi-page TIFF: one item per image page, made when asked for (:meth:`item` makes only the one named,
+    as a worker needs), from the header handle the source keeps open until closed."""
+
+    def __init__(self, path: str, im: Image.Image, pages: Sequence[int], skipped: int, max_pixels: int) -> None:
+        super().__init__(path, [])
+        self._im, self._pages, self._skipped, self._max_pixels = im, list(pages), skipped, max_pixels
+
+    def _page(self, n: int) -> PhotoItem:
+        name = f"{Path(self.path).name} page {n}"
+        try:
+            self._im.seek(self._pages[n])
+        except _PIL_ERRORS as e:
+            raise AdapterError(f"{name}: unreadable ({type(e).__name__}: {e})") from e
+        info = _page_info(self._im, name, self._max_pixels, {"page": n, "pages": len(self._pages)})
+        if self._skipped:
+            info.warnings.append(f"{self._skipped} reduced-resolution or mask pages are not separate items")
+        item = PhotoItem(self.path, None, info, key=f"page-{n:04d}", page=self._pages[n])
+        self._items.append(item)
+        return item
+
+    def items(self) -> Iterator[Item]:
+        for n in range(len(self._pages)):
+            yield self._page(n)
+
+    def item(self, key: str) -> Item:
+        m = re.fullmatch(r"page-(\d+)", key)
+        if m and int(m.group(1)) < len(self._pages):
+            return self._page(int(m.group(1)))
+        return super().item(key)
+
+    def close(self) -> None:
+        super().close()
+        self._im.close()
+
+
 def _open_image(path: str) -> Image.Image:
     """``Image.open`` (header only) with Pillow's decompression-bomb warning silenced: the caller enforces
     its own pixel limit on the declared size, and Pillow's hard limit (2x MAX_IMAGE_PIXELS) still applies."""
@@ -386,15 +422,7 @@ def _open_photo(path: str, max_pixels: int) -> PhotoSource:
         if n_frames > 1 and im.format == "TIFF":
             pages, skipped = _tiff_pages(im, name, n_frames)
             if len(pages) > 1:
-                items = []
-                for n, i in enumerate(pages):
-                    im.seek(i)
-                    info = _page_info(im, f"{name} page {n}", max_pixels, {"page": n, "pages": len(pages)})
-                    if skipped:
-                        info.warnings.append(f"{skipped} reduced-resolution or mask pages are not separate items")
-                    items.append(PhotoItem(path, None, info, key=f"page-{n:04d}", page=i))
-                im.close()
-                return PhotoSource(path, items)
+                return _PhotoStack(path, im, pages, skipped, max_pixels)
             im.seek(0)  # one image and its overviews: an ordinary photo
             return PhotoSource(path, [PhotoItem(path, im, _page_info(im, name, max_pixels, {"frames": 1}))])
         info = _page_info(im, name, max_pixels, {"frames": n_frames})

@@ -171,7 +171,7 @@ def test_no_crs_multiband_is_processed_with_warning(tmp_path, fmt):
     assert kinds == {"class_raster", "confidence", "overlay"}  # no geo outputs
 
 
-def test_multipage_16bit_stack_is_one_item_per_page(tmp_path, fmt):
+def test_multipage_16bit_stack_is_one_item_per_page(tmp_path, fmt, monkeypatch):
     """A 16-bit image stack (no CRS, so not a photo) gives every page an item; pages open again after
     release, so a long stack holds no file handle per page."""
     from PIL import Image
@@ -193,6 +193,22 @@ def test_multipage_16bit_stack_is_one_item_per_page(tmp_path, fmt):
         sink.write(Window(0, 0, 40, 24), np.ones((24, 40), np.uint8), np.full((24, 40), 0.5, np.float32))
         names = {a.path.name for a in sink.close()}
     assert {"stack16_page-0002_classes.tif", "stack16_page-0002_confidence.tif"} <= names
+
+    # A worker asks for one page: only that page is opened (each open walks the file's page chain, so opening
+    # all of them at every item cost 29 s per item on a 2,000-page stack).
+    import adapters.geotiff as geotiff
+
+    opened: list[str] = []
+    real_open = geotiff.rasterio.open
+
+    def counting_open(name, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        opened.append(str(name))
+        return real_open(name, *a, **kw)
+
+    monkeypatch.setattr(geotiff.rasterio, "open", counting_open)
+    with fmt.open(str(p)) as src:
+        np.testing.assert_array_equal(src.item("page-0002").read()[0], pages[2])
+    assert opened[0] == str(p) and len(opened) == 3 and all(o.startswith("GTIFF_DIR:3:") for o in opened[1:])
 
 
 def test_geotiff_with_overviews_is_one_item(tmp_path, fmt):

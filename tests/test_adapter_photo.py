@@ -153,6 +153,11 @@ def test_multipage_tiff_is_one_item_per_page(tmp_path, fmt):
         out.write(Window(0, 0, 16, 12), np.ones((12, 16), np.uint8), np.ones((12, 16), np.float32))
         names = {a.path.name for a in out.close()}
     assert names == {"stack_page-0001_mask.png", "stack_page-0001_overlay.png"}
+    # A worker asks for one page: only that page's header is read into an item.
+    with fmt.open(str(p)) as src:
+        item = src.item("page-0002")
+        assert item.key == "page-0002" and len(src._items) == 1
+        np.testing.assert_array_equal(item.read().transpose(1, 2, 0), pages[2])
 
 
 def test_real_em_stack_pages_match_the_slices(tmp_path, fmt):
