@@ -33,6 +33,8 @@ __all__ = [
     "UnsupportedInput",
     "Window",
     "full_window",
+    "page_key",
+    "page_number",
     "part_key",
     "safe_stem",
     "split_key",
@@ -368,3 +370,14 @@ def split_key(key: str) -> tuple[str, tuple[int, int] | None]:
 
 def part_key(key: str, start: int, stop: int) -> str:
     return f"{key}@rows={start}:{stop}"
+
+
+def page_key(n: int) -> str:
+    """Key of page ``n`` (0-based) of a multi-page file: ``page-0003``."""
+    return f"page-{n:04d}"
+
+
+def page_number(key: str, pages: int) -> int | None:
+    """The page a :func:`page_key` names, or None when ``key`` is not one of ``pages`` pages."""
+    m = re.fullmatch(r"page-(\d+)", key)
+    return int(m.group(1)) if m and int(m.group(1)) < pages else None

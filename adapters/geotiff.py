@@ -51,6 +51,8 @@ from adapters.base import (
     Source,
     UnsupportedInput,
     Window,
+    page_key,
+    page_number,
 )
 from adapters.photo import NODATA_CLASS, background_ids, blend_overlay, output_stem
 
@@ -401,7 +403,7 @@ class GeoTiffSource(Source):
             raise _err(self.path, f"page {n} of {len(self._pages)} cannot be opened", e) from e
         try:
             _check_size(page, f"{self._name} page {n}", self._max_pixels)
-            item = GeoTiffItem(self.path, page, key=f"page-{n:04d}", dataset_name=sub)
+            item = GeoTiffItem(self.path, page, key=page_key(n), dataset_name=sub)
         except BaseException:
             page.close()
             raise
@@ -418,10 +420,8 @@ class GeoTiffSource(Source):
             yield self._page(n)
 
     def item(self, key: str) -> Item:
-        m = re.fullmatch(r"page-(\d+)", key)
-        if self._pages and m and int(m.group(1)) < len(self._pages):
-            return self._page(int(m.group(1)))
-        return super().item(key)
+        n = page_number(key, len(self._pages))
+        return self._page(n) if n is not None else super().item(key)
 
     def close(self) -> None:
         for it in self._opened:

@@ -44,6 +44,8 @@ from adapters.base import (
     Source,
     UnsupportedInput,
     Window,
+    page_key,
+    page_number,
     safe_stem,
 )
 
@@ -331,7 +333,7 @@ class _PhotoStack(PhotoSource):
         info = _page_info(self._im, name, self._max_pixels, {"page": n, "pages": len(self._pages)})
         if self._skipped:
             info.warnings.append(f"{self._skipped} reduced-resolution or mask pages are not separate items")
-        item = PhotoItem(self.path, None, info, key=f"page-{n:04d}", page=self._pages[n])
+        item = PhotoItem(self.path, None, info, key=page_key(n), page=self._pages[n])
         self._items.append(item)
         return item
 
@@ -340,10 +342,8 @@ class _PhotoStack(PhotoSource):
             yield self._page(n)
 
     def item(self, key: str) -> Item:
-        m = re.fullmatch(r"page-(\d+)", key)
-        if m and int(m.group(1)) < len(self._pages):
-            return self._page(int(m.group(1)))
-        return super().item(key)
+        n = page_number(key, len(self._pages))
+        return self._page(n) if n is not None else super().item(key)
 
     def close(self) -> None:
         super().close()
