@@ -334,6 +334,7 @@ class _PhotoStack(PhotoSource):
         if self._skipped:
             info.warnings.append(f"{self._skipped} reduced-resolution or mask pages are not separate items")
         item = PhotoItem(self.path, None, info, key=page_key(n), page=self._pages[n])
+        item.group = f"pages:{self.path}"  # finalised together: one mask stack for the stack
         self._items.append(item)
         return item
 
@@ -608,6 +609,40 @@ class PhotoFormat(Format):
         self, item: Item, out_dir: Path, class_names: Sequence[str], colors: Sequence[tuple[int, int, int]]
     ) -> MaskSink:
         return PhotoMaskSink(item, out_dir, class_names, colors)
+
+    def finalize_group(
+        self,
+        items: Sequence[Item],
+        mask_files: Sequence[Path],
+        out_dir: Path,
+        class_names: Sequence[str],
+        colors: Sequence[tuple[int, int, int]],
+    ) -> list[Artifact]:
+        """For the pages of a TIFF stack: ``<stem>_masks.tif`` (kind ``mask_stack``), the class masks as a
+        multi-page TIFF in page order (8-bit class ids, 255 = no data, deflate), page ``i`` for input page
+        ``i``, so that it lies over the input stack in Fiji or napari as a label layer.
+
+        Raises :class:`AdapterError` when pages are missing (failed items): a stack with a page left out would
+        put every later mask on the wrong slice.
+        """
+        if len(items) != len(mask_files):
+            raise AdapterError("finalize_group: items and mask_files differ in length")
+        if not items:
+            return []
+        pages = sorted(zip((it.info.extra.get("page", 0) for it in items), mask_files, strict=True))
+        total = int(items[0].info.extra.get("pages", len(items)))
+        if [p for p, _ in pages] != list(range(total)):
+            missing = total - len({p for p, _ in pages})
+            raise AdapterError(f"{Path(items[0].path).name}: {missing} of {total} pages have no mask; "
+                               "no mask stack written (each page's mask is kept)")
+        frames = []
+        for _, f in pages:
+            with Image.open(f) as im:
+                frames.append(Image.fromarray(np.asarray(im, dtype=np.uint8)))  # palette PNG -> plain class ids
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{safe_stem(Path(items[0].path).stem)}_masks.tif"
+        frames[0].save(path, save_all=True, append_images=frames[1:], compression="tiff_adobe_deflate")
+        return [Artifact("mask_stack", path, "image/tiff")]
 
     def write_instances(
         self,

@@ -329,7 +329,7 @@ def job_metrics(job_id: uuid.UUID, owner: Owner) -> schemas.JobMetrics:
 @app.get("/jobs/{job_id}/items/{item_id}/artifacts/{kind}", tags=["results"],
          responses={200: {"content": {"application/octet-stream": {}}}})
 def download(job_id: uuid.UUID, item_id: uuid.UUID, kind: str, owner: Owner) -> Any:
-    """Download one output (class_raster, mask_png, overlay, geojson, dicom_seg, coco_json, ...)."""
+    """Download one output (class_raster, mask_png, overlay, geojson, dicom_seg, coco_json, mask_stack, ...)."""
     with session_scope() as session:
         _job_or_404(session, job_id, owner)
         item = session.get(Item, item_id)

@@ -136,8 +136,8 @@ def test_a_tiff_stack_is_one_item_per_page_scored_against_its_own_truth_page(tin
     for n, truth_class in enumerate((0, 1, 0)):
         it = items["stack.tif", f"page-{n:04d}"]
         assert it["status"] == "succeeded" and it["meta"]["page"] == n
-        assert {Path(a).name for a in it["artifacts"].values()} == {f"stack_page-{n:04d}_mask.png",
-                                                                    f"stack_page-{n:04d}_overlay.png"}
+        assert {Path(a).name for a in it["artifacts"].values()} == {
+            f"stack_page-{n:04d}_mask.png", f"stack_page-{n:04d}_overlay.png", *(["stack_masks.tif"] if n == 0 else [])}
         metrics = {m["class_id"]: m for m in it["metrics"]}
         # The same photo on every page, so the same prediction; only the truth page differs. All of a page's
         # truth is one class, so that class's IoU is its predicted share and the other classes' IoU is 0.
@@ -148,6 +148,21 @@ def test_a_tiff_stack_is_one_item_per_page_scored_against_its_own_truth_page(tin
     lacking = items["short.tif", "page-0002"]
     assert lacking["status"] == "failed"
     assert "labels2.tif holds 2 images and none for page-0002" in lacking["error"]
+
+    # The stack's masks come back as one multi-page TIFF, page for page, on the first page's item; the short
+    # stack, with a page failed, gets none (every later mask would land on the wrong slice) and says why.
+    from PIL import Image as PILImage
+
+    stack = items["stack.tif", "page-0000"]["artifacts"]["mask_stack"]
+    assert Path(stack).name == "stack_masks.tif"
+    with PILImage.open(stack) as tif:
+        assert tif.n_frames == 3
+        for n in range(3):
+            tif.seek(n)
+            with PILImage.open(items["stack.tif", f"page-{n:04d}"]["artifacts"]["mask_png"]) as png:
+                np.testing.assert_array_equal(np.asarray(tif), np.asarray(png))
+    assert "mask_stack" not in items["short.tif", "page-0000"]["artifacts"]
+    assert "short.tif: 1 of 3 pages have no mask; no mask stack written" in out["error"]
 
 
 def test_a_truth_folder_scores_an_input_folder_by_file_name(tiny_models: Path, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import traceback
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,6 +277,27 @@ def _read_truth(path: str, options: dict[str, Any], key: str = "") -> Any:
     return arr.astype(np.uint8)
 
 
+def _open_source(stack: ExitStack, source: str, fmt_name: str | None) -> tuple[Any, Any]:
+    """``(format, source)`` for an input, opened through its adapter (URLs downloaded first); both are
+    closed when ``stack`` closes."""
+    local = stack.enter_context(fetch_input(source, get_settings().storage_options))
+    fmt = get_format(fmt_name) if fmt_name else None
+    if fmt is None:
+        from adapters import detect
+
+        fmt = detect(local)
+    opened = fmt.open(local, max_pixels=get_settings().max_pixels)
+    stack.callback(opened.close)
+    return fmt, opened
+
+
+def _item_of(source: Any, key: str) -> AdapterItem:
+    """The item ``key`` names in an opened source; a row range (``@rows=a:b``) gives that part of it."""
+    key, rows = split_key(key)
+    item = source.item(key)
+    return RegionItem(item, *rows) if rows else item
+
+
 class _Opened:
     """An item opened through its adapter for the duration of processing (downloads URLs first)."""
 
@@ -283,23 +305,16 @@ class _Opened:
         self.source_path, self.key, self.fmt_name = source, key, fmt
 
     def __enter__(self) -> tuple[Any, AdapterItem]:
-        self._fetch = fetch_input(self.source_path, get_settings().storage_options)
-        local = self._fetch.__enter__()
-        fmt = get_format(self.fmt_name) if self.fmt_name else None
-        if fmt is None:
-            from adapters import detect
-
-            fmt = detect(local)
-        self._source = fmt.open(local, max_pixels=get_settings().max_pixels)
-        key, rows = split_key(self.key)
-        item = self._source.item(key)
-        return fmt, (RegionItem(item, *rows) if rows else item)
+        self._stack = ExitStack()
+        try:
+            fmt, opened = _open_source(self._stack, self.source_path, self.fmt_name)
+            return fmt, _item_of(opened, self.key)
+        except BaseException:
+            self._stack.close()
+            raise
 
     def __exit__(self, *exc: object) -> None:
-        try:
-            self._source.close()
-        finally:
-            self._fetch.__exit__(*exc)
+        self._stack.__exit__(*exc)
 
 
 def _upload(job_id: uuid.UUID, item_id: uuid.UUID, artifacts: Sequence[Any]) -> dict[str, Any]:
@@ -441,8 +456,6 @@ def _instance_resolution_note(item: Any, spec: Any) -> str | None:
 
 def _run_semantic_batch(job_id: uuid.UUID, batch: Sequence[tuple], model: Any, options: dict[str, Any]) -> bool:
     """Photos: open all, one batched model call per ``batch_size`` images, then write each one's outputs."""
-    from contextlib import ExitStack
-
     from pipelines.semantic import segment_items
 
     done_job = False
@@ -597,14 +610,20 @@ def _finalize_groups(session: Any, job_id: uuid.UUID) -> None:
 
 
 class _OpenedMany:
+    """The items of a group, each input opened once (the pages of a stack share one open file)."""
+
     def __init__(self, members: Sequence[Item]) -> None:
         self.members = members
 
     def __enter__(self) -> list[AdapterItem]:
-        from contextlib import ExitStack
-
         self._stack = ExitStack()
-        return [self._stack.enter_context(_Opened(m.source, m.key, m.format))[1] for m in self.members]
+        sources: dict[tuple[str, str | None], Any] = {}
+        items = []
+        for m in self.members:
+            if (m.source, m.format) not in sources:
+                sources[m.source, m.format] = _open_source(self._stack, m.source, m.format)[1]
+            items.append(_item_of(sources[m.source, m.format], m.key))
+        return items
 
     def __exit__(self, *exc: object) -> None:
         self._stack.__exit__(*exc)
