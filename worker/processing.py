@@ -259,15 +259,16 @@ def _read_truth(path: str, options: dict[str, Any], key: str = "") -> Any:
     with fetch_input(path, get_settings().storage_options) as local:
         _, source = open_input(local)
         with source:
-            items = list(source.items())
-            if len(items) == 1:
-                arr = items[0].read()[0]
-            else:
-                same = [it for it in items if it.key == base]
-                if not same:
+            try:
+                item = source.item(base)  # a stack opens only that page
+            except AdapterError:
+                items = list(source.items())
+                if len(items) != 1:
+                    keys = f" (keys {items[0].key} ... {items[-1].key})" if items else ""
                     raise AdapterError(f"truth {os.path.basename(path)} holds {len(items)} images and none for "
-                                       f"{base or 'a single-image input'} (keys {items[0].key} ... {items[-1].key})")
-                arr = same[0].read()[0]
+                                       f"{base or 'a single-image input'}{keys}") from None
+                item = items[0]
+            arr = item.read()[0]
     mapping = options.get("truth_map")
     if mapping:
         out = np.full(arr.shape, 255, np.uint8)
