@@ -177,7 +177,7 @@ class Item(abc.ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _guard_methods(cls, ("read", "valid_mask", "preview"))
+        _guard_methods(cls, ("read", "valid_mask", "preview", "read_labels"))
 
     #: Stable key within its source ("" for single-image files, e.g. "frame-0003" for frames).
     key: str
@@ -198,6 +198,17 @@ class Item(abc.ABC):
     def valid_mask(self, window: Window | None = None) -> np.ndarray | None:
         """``(H, W) bool``, False where the input has no data (nodata, internal masks); None if all valid."""
         return None
+
+    def read_labels(self) -> np.ndarray:
+        """``(H, W)`` integer values of the whole item read as a label image (ground truth): its first band
+        as stored, not converted for display. Raises :class:`AdapterError` for non-integer values."""
+        arr = np.asarray(self.read(None)[0])
+        if arr.dtype.kind == "f":
+            if not (np.isfinite(arr).all() and np.array_equal(arr, np.rint(arr))):
+                raise AdapterError("label image holds values that are not integers; ground truth must hold "
+                                   "class values")
+            arr = arr.astype(np.int64)
+        return arr
 
     def preview(self, max_size: int = 1024) -> np.ndarray:
         """``(H, W, 3) uint8`` display image for overlays, at most ``max_size`` on its longer side."""

@@ -196,6 +196,26 @@ def to_rgb_uint8(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     return np.asarray(im, dtype=np.uint8), alpha
 
 
+def _label_values(im: Image.Image, name: str) -> np.ndarray:
+    """``(H, W)`` integer class values of a label image (see :meth:`PhotoItem.read_labels`)."""
+    if im.mode in ("P", "PA"):
+        return np.asarray(im.getchannel(0) if im.mode == "PA" else im)
+    if im.mode in ("L", "LA", "1") or im.mode.startswith("I"):
+        arr = np.asarray(im.getchannel(0) if im.mode == "LA" else im)
+        return arr.astype(np.uint8) if arr.dtype == bool else arr
+    if im.mode == "F":
+        arr = np.asarray(im)
+        if np.isfinite(arr).all() and np.array_equal(arr, np.rint(arr)):
+            return arr.astype(np.int64)
+        raise AdapterError(f"{name}: label image holds values that are not integers")
+    if im.mode in ("RGB", "RGBA"):
+        rgb = np.asarray(im)[..., :3]
+        if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+            return rgb[..., 0]
+    raise AdapterError(f"{name}: a {im.mode} colour image cannot be ground truth; save class values as a "
+                       "greyscale, palette (indexed) or 16-bit image")
+
+
 class PhotoItem(Item):
     """One image of a photo file (the photo, or one page of a TIFF stack); decoded on first use and cached
     (photos are small).
@@ -254,6 +274,22 @@ class PhotoItem(Item):
             self._rgb = np.ascontiguousarray(rgb.transpose(2, 0, 1))
             self._alpha = alpha
             return self._rgb
+
+    def read_labels(self) -> np.ndarray:
+        """``(H, W)`` label values as stored, EXIF orientation applied: palette indices of a ``P`` image (a
+        VOC-style mask, or this service's own ``mask_png``), raw 8/16/32-bit values, 0/1 for bilevel. Photo
+        reading converts to display RGB, which would turn palette indices into colours and scale 16-bit
+        values by 1/257. A colour image counts only when it is grey."""
+        name = Path(self.path).name + (f" [{self.key}]" if self.key else "")
+        if ImageFile.LOAD_TRUNCATED_IMAGES:  # a truncated label would pass, completed with zeros
+            raise AdapterError(f"{name}: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; refusing to decode")
+        try:
+            with _open_image(self.path) as im:
+                im.seek(self.page)
+                im.load()
+                return _label_values(ImageOps.exif_transpose(im), name)
+        except _PIL_ERRORS as e:
+            raise AdapterError(f"{name}: cannot decode label image ({type(e).__name__}: {e})") from e
 
     def read(self, window: Window | None = None) -> np.ndarray:
         """``(3, h, w) uint8`` RGB of ``window`` (whole image if None), EXIF orientation applied."""

@@ -12,15 +12,18 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, HTTPException, Query, Request, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from api import schemas
 from api.auth import CurrentPrincipal
 from core import jobs
 from core.db import engine, session_scope
-from core.models import Item
+from core.models import Item, ItemStatus, JobStatus
 from core.settings import get_settings
 from core.store import ArtifactStore
 from core.tokens import Principal
@@ -40,6 +43,20 @@ async def _readable_422(_: Request, exc: RequestValidationError) -> JSONResponse
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
         msgs.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
     return JSONResponse(status_code=422, content={"detail": "; ".join(msgs), "errors": jsonable(exc.errors())})
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _full_allow_header(request: Request, exc: StarletteHTTPException) -> Response:
+    """A 405 names every documented method of the path. Starlette answers from the first route whose path
+    matches, so ``OPTIONS /jobs`` said ``Allow: POST`` although ``GET /jobs`` exists too. The OpenAPI document
+    is the public list of routes (included routers are not flattened in ``app.routes``)."""
+    if exc.status_code == 405:
+        allowed = {m.upper() for path, ops in request.app.openapi().get("paths", {}).items()
+                   if compile_path(path)[0].match(request.url.path) for m in ops if m != "parameters"}
+        if allowed:
+            exc = StarletteHTTPException(405, exc.detail, headers={**(exc.headers or {}),
+                                                                   "Allow": ", ".join(sorted(allowed))})
+    return await http_exception_handler(request, exc)
 
 
 def jsonable(obj: Any) -> Any:
@@ -195,9 +212,10 @@ def _document_errors(schema: dict[str, Any]) -> None:
 @app.post("/jobs", status_code=202, response_model=schemas.JobOut, tags=["jobs"],
           openapi_extra={"requestBody": {"content": {
               "application/json": {"schema": {"$ref": "#/components/schemas/JobIn"}},
-              "multipart/form-data": {"schema": {"type": "object", "properties": {
-                  "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                  "pipeline": {"type": "string"}, "options": {"type": "string", "description": "JSON"}}}}}}})
+              "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
+                  "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}},
+                  "pipeline": {"type": "string", "default": "auto", "description": "model name; empty = auto"},
+                  "options": {"type": "string", "description": "JobOptions as JSON; empty = {}"}}}}}}})
 async def submit(request: Request, owner: Owner) -> JSONResponse:
     """Submit a job: JSON with server-side paths (under the input roots) or URLs, or multipart uploads.
     Returns 202 with the job; poll ``GET /jobs/{id}``."""
@@ -209,7 +227,7 @@ async def submit(request: Request, owner: Owner) -> JSONResponse:
         if ctype.startswith("multipart/form-data"):
             uploaded, fields = await _uploaded_inputs(request, uuid.uuid4())
             body = schemas.JobIn(inputs=[i.path for i in uploaded] or ["<no files>"],
-                                 pipeline=fields.get("pipeline", "auto"),
+                                 pipeline=fields.get("pipeline") or "auto",  # an empty form field is unset
                                  options=json.loads(fields.get("options") or "{}"))
             if not uploaded:
                 raise HTTPException(422, "multipart request has no files")
@@ -251,13 +269,9 @@ def _json(model: Any) -> Response:
 
 
 @app.get("/jobs", response_model=schemas.JobList, tags=["jobs"])
-def list_jobs(owner: Owner, status_: Annotated[str | None, Query(alias="status")] = None,
+def list_jobs(owner: Owner, status_: Annotated[JobStatus | None, Query(alias="status")] = None,
               since: datetime | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50,
               offset: Annotated[int, Query(ge=0, le=schemas.MAX_OFFSET)] = 0) -> Response:
-    from core.models import JobStatus
-
-    if status_ is not None and status_ not in JobStatus.__members__:
-        raise HTTPException(422, f"status: must be one of {', '.join(JobStatus.__members__)}")
     if since is not None:
         since = schemas.as_utc(since)  # a time without an offset is UTC, as every time the API returns
     with engine().connect() as conn:
@@ -294,7 +308,8 @@ def cancel(job_id: uuid.UUID, owner: Owner) -> schemas.JobOut:
 
 
 @app.get("/jobs/{job_id}/items", response_model=schemas.ItemList, tags=["results"])
-def list_items(job_id: uuid.UUID, owner: Owner, status_: Annotated[str | None, Query(alias="status")] = None,
+def list_items(job_id: uuid.UUID, owner: Owner,
+               status_: Annotated[ItemStatus | None, Query(alias="status")] = None,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                offset: Annotated[int, Query(ge=0, le=schemas.MAX_OFFSET)] = 0) -> schemas.ItemList:
     with session_scope() as session:
@@ -310,9 +325,11 @@ def get_item(job_id: uuid.UUID, item_id: uuid.UUID, owner: Owner) -> schemas.Ite
         item = session.get(Item, item_id)
         if item is None or item.job_id != job_id:
             raise HTTPException(404, f"item {item_id} not found")
+        rows = jobs.job_metrics(session, job_id, item_id)
         return schemas.ItemDetail(
             **schemas.ItemOut.of(item).model_dump(),
-            metrics=[schemas.MetricOut.of(m) for m in jobs.job_metrics(session, job_id, item_id)],
+            metrics=[schemas.MetricOut.of(m) for m in rows],
+            scores=[schemas.ScoreOut(**d) for d in jobs.score_summaries(rows)],
             instances=[schemas.InstanceOut.of(r) for r in jobs.item_instances(session, item_id)],
         )
 
@@ -322,8 +339,9 @@ def job_metrics(job_id: uuid.UUID, owner: Owner) -> schemas.JobMetrics:
     """Per-class figures aggregated over the job (available once it has finished)."""
     with session_scope() as session:
         job = _job_or_404(session, job_id, owner)
-        return schemas.JobMetrics(job_id=job_id, status=job.status,
-                                  classes=[schemas.MetricOut.of(m) for m in jobs.job_metrics(session, job_id)])
+        rows = jobs.job_metrics(session, job_id)
+        return schemas.JobMetrics(job_id=job_id, status=job.status, classes=[schemas.MetricOut.of(m) for m in rows],
+                                  scores=[schemas.ScoreOut(**d) for d in jobs.score_summaries(rows)])
 
 
 @app.get("/jobs/{job_id}/items/{item_id}/artifacts/{kind}", tags=["results"],

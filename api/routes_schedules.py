@@ -24,6 +24,11 @@ from core.tokens import Principal
 router = APIRouter(prefix="/schedules", tags=["schedules"])
 
 
+#: Five or six fields, or an ``@alias``. Published in the schema only, so clients see the shape; requests are
+#: checked by core.schedules.normalize_cron, whose 422 says how many fields were given and which are wanted.
+CRON_SHAPE = r"^\s*(@[A-Za-z]+|\S+(\s+\S+){4,5})\s*$"
+
+
 class ScheduleIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -31,7 +36,9 @@ class ScheduleIn(BaseModel):
     cron: str = Field(
         min_length=1,
         max_length=128,
-        description="crontab expression read in `timezone`, e.g. '0 2 * * *'; six fields = seconds first",
+        json_schema_extra={"pattern": CRON_SHAPE},
+        description="crontab expression read in `timezone`, e.g. '0 2 * * *'; six fields = seconds first, or an "
+        "alias such as '@daily'",
     )
     timezone: str = Field(default="UTC", max_length=64, description="IANA time zone name")
     location: str = Field(min_length=1, max_length=4096, description="folder or glob under the input roots")
@@ -50,7 +57,8 @@ class ScheduleChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, min_length=1, max_length=128)
-    cron: str | None = Field(default=None, min_length=1, max_length=128)
+    cron: str | None = Field(default=None, min_length=1, max_length=128,
+                             json_schema_extra={"pattern": CRON_SHAPE})
     timezone: str | None = Field(default=None, max_length=64)
     location: str | None = Field(default=None, min_length=1, max_length=4096)
     pipeline: str | None = Field(default=None, max_length=64)

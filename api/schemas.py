@@ -6,8 +6,9 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, StrictInt, StringConstraints, field_validator
 
+from core import jobs
 from core.models import ClassMetric, InstanceRow, Item, Job
 
 #: Largest page offset accepted: far beyond any real listing, and inside the databases' 64-bit integers (an
@@ -47,14 +48,16 @@ class JobOptions(BaseModel):
 
     score_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     max_detections: int | None = Field(default=None, ge=1, le=10_000)
-    #: Ground-truth value -> class id (e.g. Oxford trimaps {"1": 0, "2": 1, "3": 2}).
-    truth_map: dict[str, int] | None = None
+    truth_map: dict[Annotated[str, StringConstraints(pattern=jobs.TRUTH_VALUE)],
+                    Annotated[StrictInt, Field(ge=0, le=jobs.IGNORE_CLASS)]] | None = Field(
+        default=None, description=f"ground-truth pixel value -> class id, e.g. Oxford trimaps "
+        f'{{"1": 0, "2": 1, "3": 2}}; {jobs.IGNORE_CLASS} = not scored, as are values not listed')
 
 
 class JobIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[InputIn | str] = Field(min_length=1)
+    inputs: list[InputIn | Annotated[str, StringConstraints(min_length=1, max_length=4096)]] = Field(min_length=1)
     pipeline: str = Field(default="auto", max_length=64, description="model name, or 'auto' for per-input defaults")
     options: JobOptions = JobOptions()
 
@@ -174,8 +177,19 @@ class ItemOut(BaseModel):
                    started_at=item.started_at, finished_at=item.finished_at)
 
 
+class ScoreOut(BaseModel):
+    """Figures against the ground truth given with the inputs, per model (``tileseg eval``'s definitions)."""
+
+    model: str | None
+    pixel_accuracy: float | None = Field(description="correct scored pixels / scored pixels")
+    mean_iou: float | None = Field(description="mean over the classes present in truth or prediction")
+    mean_dice: float | None
+    scored_pixels: int = Field(description="pixels with a truth class (255 and unmapped values are not scored)")
+
+
 class ItemDetail(ItemOut):
     metrics: list[MetricOut]
+    scores: list[ScoreOut] = []
     instances: list[InstanceOut]
 
 
@@ -187,6 +201,8 @@ class JobMetrics(BaseModel):
     job_id: uuid.UUID
     status: str
     classes: list[MetricOut]
+    #: Only for jobs scored against ground truth.
+    scores: list[ScoreOut] = []
 
 
 class ModelOut(BaseModel):

@@ -316,11 +316,12 @@ def job_page(request: Request, job_id: str, viewer: Viewer,
         items, total = jobs.list_items(session, job.id, limit=ITEMS_PER_PAGE,
                                        offset=(page - 1) * ITEMS_PER_PAGE)
         item_views = [_item_view(i) for i in items]
-        metrics = [_metric_view(m) for m in jobs.job_metrics(session, job.id)]
+        rows = jobs.job_metrics(session, job.id)
+        metrics, scores = [_metric_view(m) for m in rows], jobs.score_summaries(rows)
         colours = _class_colours(session, job)
     pages = max(1, math.ceil(total / ITEMS_PER_PAGE))
     return _page(request, "job.html", {"job": view, "items": item_views, "items_total": total, "page": page,
-                                       "pages": pages, "metrics": metrics,
+                                       "pages": pages, "metrics": metrics, "scores": scores,
                                        "charts": _charts(metrics, colours),
                                        "columns": _metric_columns(metrics)}, viewer=viewer)
 
@@ -420,12 +421,13 @@ def item_page(request: Request, job_id: str, item_id: str, viewer: Viewer) -> Re
         if job is None or item is None:
             return _error(request, 404, f"item {item_id} not found", viewer)
         view = _item_view(item)
-        metrics = [_metric_view(m) for m in jobs.job_metrics(session, job.id, item.id)]
+        rows = jobs.job_metrics(session, job.id, item.id)
+        metrics, scores = [_metric_view(m) for m in rows], jobs.score_summaries(rows)
         instances = [{"class_name": r.class_name, "score": r.score, "box": r.box, "area_px": r.area_px}
                      for r in jobs.item_instances(session, item.id)[:200]]
         colours = _class_colours(session, job, item)
         job_view = _job_view(job)
-    return _page(request, "item.html", {"job": job_view, "item": view, "metrics": metrics,
+    return _page(request, "item.html", {"job": job_view, "item": view, "metrics": metrics, "scores": scores,
                                         "columns": _metric_columns(metrics),
                                         "charts": _charts(metrics, colours), "instances": instances},
                  viewer=viewer)

@@ -174,10 +174,16 @@ def _options(score_threshold: float | None, truth_map: str | None) -> dict[str, 
     if score_threshold is not None:
         opts["score_threshold"] = score_threshold
     if truth_map:
+        from core.jobs import check_truth_map
+
         try:
-            opts["truth_map"] = {str(k): int(v) for k, v in json.loads(truth_map).items()}
-        except (ValueError, AttributeError) as exc:
-            raise click.BadParameter(f"--truth-map must be a JSON object of value -> class id: {exc}") from exc
+            mapping = json.loads(truth_map)
+        except ValueError as exc:
+            raise click.BadParameter(f"--truth-map is not valid JSON ({exc})") from exc
+        try:
+            opts["truth_map"] = check_truth_map(mapping)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from exc
     return opts
 
 
@@ -239,13 +245,17 @@ def _results_json(job_id: uuid.UUID) -> dict[str, Any]:
     out = _status_json(job_id)
     with session_scope() as session:
         items, _ = jobs.list_items(session, job_id, limit=1_000_000)
-        out["classes"] = [MetricOut.of(m).model_dump() for m in jobs.job_metrics(session, job_id)]
+        job_rows = jobs.job_metrics(session, job_id)
+        out["classes"] = [MetricOut.of(m).model_dump() for m in job_rows]
+        out["scores"] = jobs.score_summaries(job_rows)
         out["items"] = []
         for it in items:
             d = ItemOut.of(it).model_dump(mode="json")
             # The CLI reads the store directly, so give artifact locations rather than API URLs.
             d["artifacts"] = {k: v["uri"] for k, v in (it.artifacts or {}).items()}
-            d["metrics"] = [MetricOut.of(m).model_dump() for m in jobs.job_metrics(session, job_id, it.id)]
+            rows = jobs.job_metrics(session, job_id, it.id)
+            d["metrics"] = [MetricOut.of(m).model_dump() for m in rows]
+            d["scores"] = jobs.score_summaries(rows)
             d["instances"] = len(jobs.item_instances(session, it.id))
             out["items"].append(d)
     return out
@@ -297,6 +307,11 @@ def _print_results(d: dict[str, Any]) -> None:
                       f(c["mean_confidence"]), area, f(c["instance_count"], "{}"), f(c["mean_score"]),
                       f(c["dice"]), f(c["iou"]))
         con.print(t)
+    for sc in d.get("scores", []):
+        acc, iou, dice = ("-" if sc[k] is None else f"{sc[k]:.4f}" for k in ("pixel_accuracy", "mean_iou", "mean_dice"))
+        # One line, never wrapped, so scripts and people can grep it.
+        click.echo(f"against the ground truth ({sc['model']}, {sc['scored_pixels']:,} scored pixels): "
+                   f"pixel accuracy {acc}, mean IoU {iou}, mean Dice {dice}")
     t = Table(title="items")
     for col in ("#", "input", "model", "status", "top classes / error"):
         t.add_column(col, overflow="fold")

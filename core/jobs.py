@@ -55,6 +55,28 @@ class InputSpec:
         return {"path": self.path, "truth": self.truth}
 
 
+#: A ground-truth pixel value as written in a truth map's keys (8- or 16-bit label images).
+TRUTH_VALUE = r"^[0-9]{1,5}$"
+#: Class ids a truth value may map to; 255 marks pixels that are not scored.
+IGNORE_CLASS = 255
+
+
+def check_truth_map(mapping: Any) -> dict[str, int]:
+    """``{truth value: class id}`` as stored in job options, or ValueError naming the bad entry. Checked at
+    submission: a bad entry used to surface in the worker, failing every scored item of the job."""
+    if not isinstance(mapping, dict):
+        raise ValueError("truth map: must be a JSON object of truth value -> class id, e.g. {\"1\": 0}")
+    out = {}
+    for k, v in mapping.items():
+        if not re.match(TRUTH_VALUE, str(k)):
+            raise ValueError(f"truth map: key {k!r} is not a truth pixel value (an integer 0-99999)")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= IGNORE_CLASS:
+            raise ValueError(f"truth map: class id {v!r} for {k!r} is not an integer 0-{IGNORE_CLASS} "
+                             f"({IGNORE_CLASS} = not scored)")
+        out[str(int(k))] = v
+    return out
+
+
 def check_input_path(path: str, roots: Sequence[Path]) -> str:
     """Resolve ``path`` (symlinks included) and require it to lie inside one of ``roots``.
 
@@ -470,6 +492,28 @@ def list_items(session: Session, job_id: uuid.UUID, *, status: str | None = None
     total = session.scalar(select(func.count()).select_from(q.subquery())) or 0
     rows = session.scalars(q.order_by(Item.seq).limit(limit).offset(offset)).all()
     return list(rows), total
+
+
+def score_summaries(rows: Sequence[ClassMetric]) -> list[dict[str, Any]]:
+    """Pixel accuracy, mean IoU and mean Dice per model of metric rows scored against ground truth (one item's
+    rows, or a job's aggregated ones), from the confusion matrix the rows carry; models without one are
+    left out. Means are over the classes that occur, as in ``tileseg eval`` (:func:`pipelines.metrics.scores`).
+    """
+    import numpy as np
+
+    from pipelines.metrics import scores
+
+    out = []
+    for model in dict.fromkeys(r.model for r in rows):
+        confusion = next(((r.sums or {}).get("confusion") for r in rows
+                          if r.model == model and (r.sums or {}).get("confusion") is not None), None)
+        if confusion is None:
+            continue
+        cm = np.asarray(confusion, dtype=np.int64)
+        s = scores(cm)
+        out.append({"model": model, "pixel_accuracy": s["pixel_accuracy"], "mean_iou": s["mean_iou"],
+                    "mean_dice": s["mean_dice"], "scored_pixels": int(cm.sum())})
+    return out
 
 
 def job_metrics(session: Session, job_id: uuid.UUID, item_id: uuid.UUID | None = None) -> list[ClassMetric]:

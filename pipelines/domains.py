@@ -37,7 +37,7 @@ from pipelines.semantic import (
     resize_bilinear,
     segment_item,
 )
-from pipelines.spec import ClassSpec, ModelSpec, Normalization
+from pipelines.spec import ClassSpec, ModelSpec, Normalization, TruthMap
 from pipelines.train import IGNORE
 
 __all__ = [
@@ -88,8 +88,17 @@ CT_CLASSES: list[tuple[ClassSpec, tuple[int, ...]]] = [
     (ClassSpec(id=2, name="spleen", color=(150, 60, 200)), (1,)),
     (ClassSpec(id=3, name="stomach", color=(250, 200, 60)), (6,)),
     (ClassSpec(id=4, name="aorta", color=(230, 30, 30)), (52,)),
-    (ClassSpec(id=5, name="vertebra", color=(240, 240, 200)), (32, 33)),
+    # Every vertebra of the `total` task (26 S1 ... 50 C1); the training slices hold T11 and T12 only.
+    (ClassSpec(id=5, name="vertebra", color=(240, 240, 200)), tuple(range(26, 51))),
 ]
+
+#: Ground truth as TotalSegmentator writes it, read by the service when a job gives no truth map.
+CT_TRUTH = TruthMap(values={str(i): c.id for c, ids in CT_CLASSES for i in ids}, others=0,
+                    reads="TotalSegmentator 'total' label ids (5 liver, 1 spleen, 6 stomach, 52 aorta, 26-50 "
+                          "vertebrae; other structures are background)")
+#: Building masks as SpaceNet (0/255) and most GIS exports (0/1) write them.
+BUILDING_TRUTH = TruthMap(values={"0": 0}, others=1,
+                          reads="building masks (0 background, any other value building)")
 
 #: Whole Rio tiles per split. img64 is the README demo sample (samples/geotiff/rio_img64.tif): never trained on.
 RIO_SPLIT: dict[str, tuple[str, ...]] = {
@@ -511,7 +520,7 @@ def buildings_spec(input_size: int = 256, overlap: int = 32) -> ModelSpec:
                     "demonstration grade, trained on 11 small SpaceNet/NRCan tiles",
         classes=BUILDING_CLASSES, background_class=0, channels=3, normalization=BUILDINGS_NORM,
         input_size=input_size, mode="tile", overlap=overlap, batch_size=8, blend="gaussian",
-        ground_resolution_m=BUILDINGS_RES_M, default_for=["geotiff"],
+        ground_resolution_m=BUILDINGS_RES_M, default_for=["geotiff"], truth_map=BUILDING_TRUTH,
     )
 
 
@@ -525,7 +534,7 @@ def ct_spec(input_size: int = 256) -> ModelSpec:
         input_size=input_size, mode="resize", overlap=0, batch_size=8, blend="gaussian",
         # Trained on slices halved by resize_bilinear (ct_samples); the antialiased filter costs 1 point of
         # mean IoU on the held-out slices, most of it on the vertebra and the aorta.
-        resize_filter="bilinear", default_for=["dicom"],
+        resize_filter="bilinear", default_for=["dicom"], truth_map=CT_TRUTH,
     )
 
 

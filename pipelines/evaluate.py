@@ -20,7 +20,7 @@ from adapters.base import AdapterError
 from pipelines.metrics import bootstrap_difference, bootstrap_intervals, confusion_matrix, scores
 from pipelines.normalize import normalize
 from pipelines.registry import LoadedModel, flip_tta, get_spec, load
-from pipelines.spec import ClassSpec, ModelSpec, Normalization
+from pipelines.spec import ClassSpec, ModelSpec, Normalization, TruthMap
 from pipelines.tiling import TilingConfig, predict_array
 from pipelines.train import list_names, load_pairs, split_names
 
@@ -47,6 +47,9 @@ PET_CLASSES = [
     ClassSpec(id=1, name="background", color=(0, 0, 0)),
     ClassSpec(id=2, name="outline", color=(255, 225, 25)),
 ]
+#: Oxford-IIIT Pet trimaps, read by the service when a job gives no truth map.
+PET_TRUTH = TruthMap(values={"1": 0, "2": 1, "3": 2},
+                     reads="Oxford-IIIT Pet trimaps (1 pet, 2 background, 3 outline)")
 _PALETTE = [(230, 25, 75), (0, 0, 0), (255, 225, 25), (60, 180, 75), (0, 130, 200), (245, 130, 48)]
 
 
@@ -349,6 +352,7 @@ def export_model(
         channels=3, normalization=Normalization(kind="scale", scale=255.0), input_size=input_size,
         mode=mode, overlap=input_size // 4, batch_size=16, blend="gaussian",
         default_for=default_for if default_for is not None else ["photo"],
+        truth_map=PET_TRUTH if classes is PET_CLASSES else None,
     )
     spec.to_file(out / "spec.json")
     return ModelSpec.from_file(out / "spec.json")

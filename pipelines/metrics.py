@@ -21,7 +21,57 @@ __all__ = [
     "coco_mask_ap",
     "confusion_matrix",
     "scores",
+    "truth_classes",
 ]
+
+#: Truth class id of pixels that are not scored.
+IGNORE = 255
+
+
+def truth_classes(
+    values: np.ndarray, num_classes: int, mapping: dict[int, int] | None = None, others: int | None = None
+) -> tuple[np.ndarray, dict[int, int]]:
+    """Stored ground-truth values ``(H, W)`` int -> class ids ``(H, W) uint8`` (:data:`IGNORE` = not scored).
+
+    Without ``mapping`` the values are class ids already: ``[0, num_classes)`` are kept and :data:`IGNORE`
+    is the documented "not scored". With it, each listed value becomes its class id (which may be
+    :data:`IGNORE`), and the values it does not list become class ``others``, or are not scored when
+    ``others`` is None. Returns the classes and ``{value: pixel count}`` of the values that fell out
+    without being asked to (a 0/255 mask read as class ids, a trimap value missing from the map), so the
+    caller can say so instead of scoring silently on part of the truth.
+    """
+    values = np.asarray(values)
+    if values.dtype.kind not in "uib":
+        raise ValueError(f"truth values must be integers, got {values.dtype}")
+    flat = values.reshape(-1)
+    if values.dtype.kind in "ub" and values.dtype.itemsize <= 2:  # 8/16-bit labels: a table, no sort
+        counts = np.bincount(flat.astype(np.intp, copy=False), minlength=1)
+        uniq = np.flatnonzero(counts)
+        counts = counts[uniq]
+    else:
+        uniq, counts = np.unique(flat, return_counts=True)
+    lut = np.full(uniq.shape, IGNORE, np.uint8)
+    dropped = np.zeros(uniq.shape, bool)
+    for i, v in enumerate(uniq.tolist()):
+        if mapping is None:
+            if 0 <= v < num_classes:
+                lut[i] = v
+            else:
+                dropped[i] = v != IGNORE
+        elif v in mapping:
+            lut[i] = mapping[v]
+        elif others is not None:
+            lut[i] = others
+        else:
+            dropped[i] = True
+    if values.dtype.kind in "ub" and values.dtype.itemsize <= 2:
+        table = np.full(int(uniq[-1]) + 1 if uniq.size else 1, IGNORE, np.uint8)
+        table[uniq] = lut
+        classes = table[values.astype(np.intp, copy=False)] if values.dtype.kind == "b" else table[values]
+    else:
+        classes = lut[np.searchsorted(uniq, values)]
+    unscored = {int(uniq[i]): int(counts[i]) for i in np.flatnonzero(dropped)}
+    return classes, unscored
 
 
 def confusion_matrix(

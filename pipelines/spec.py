@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["ClassSpec", "MaskRefinement", "ModelSpec", "Normalization"]
+__all__ = ["ClassSpec", "MaskRefinement", "ModelSpec", "Normalization", "TruthMap"]
 
 
 class ClassSpec(BaseModel):
@@ -65,6 +65,32 @@ class MaskRefinement(BaseModel):
     #: Its class names that count as foreground (summed).
     foreground: list[str] = Field(min_length=1)
     weight: float = Field(default=0.5, gt=0.0, lt=1.0)
+
+
+class TruthMap(BaseModel):
+    """How the ground truth of this model's own data stores its classes (Oxford trimaps write pet /
+    background / outline as 1 / 2 / 3, SpaceNet building masks 0 / 255), used to score a job whose
+    submission gives no ``truth_map`` of its own.
+
+    ``values`` maps a stored value (a decimal string, as in JSON) to a class id, 255 meaning "not scored".
+    Values not listed become class ``others``, or are not scored when it is None (and the item says so).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    values: dict[str, int]
+    others: int | None = None
+    #: What truth this reads, for people: shown with the item's figures.
+    reads: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> TruthMap:
+        if any(not k.isdigit() for k in self.values):
+            raise ValueError("truth_map values: keys must be non-negative integers written as strings")
+        return self
+
+    def as_ints(self) -> dict[int, int]:
+        return {int(k): v for k, v in self.values.items()}
 
 
 class ModelSpec(BaseModel):
@@ -142,6 +168,8 @@ class ModelSpec(BaseModel):
     max_detections: int = 100
     #: Instance models: sharpen masks with a semantic model's foreground (see :class:`MaskRefinement`).
     refine: MaskRefinement | None = None
+    #: Semantic models: how ground truth made for this model's data stores classes (see :class:`TruthMap`).
+    truth_map: TruthMap | None = None
     #: Path of the spec file itself, set by the loader.
     spec_path: Path | None = None
 
@@ -166,6 +194,10 @@ class ModelSpec(BaseModel):
             raise ValueError("tta_sizes applies to semantic models only")
         if any(not 8 <= t <= 4096 for t in self.tta_sizes) or len(set(self.tta_sizes)) != len(self.tta_sizes):
             raise ValueError("tta_sizes must be distinct input edges between 8 and 4096 pixels")
+        if self.truth_map is not None:
+            targets = [*self.truth_map.values.values(), self.truth_map.others]
+            if any(t is not None and t != 255 and t not in ids for t in targets):
+                raise ValueError(f"truth_map: class ids must be among the classes {sorted(ids)} (or 255)")
         return self
 
     @property

@@ -428,3 +428,40 @@ def test_detect_routes_photos_and_plain_tiffs(tmp_path):
     txt.write_text("hello")
     with pytest.raises(UnsupportedInput):
         detect(str(txt))
+
+
+def test_read_labels_returns_stored_values_not_display_colours(tmp_path, fmt):
+    """Ground truth read as a photo became display RGB: a palette mask (VOC style, or this service's own
+    mask_png) gave the red of each class colour, and a 16-bit label 300 gave 1. Labels are read as stored."""
+    ids = np.array([[0, 1, 2, 2], [1, 1, 0, 2]], np.uint8)
+    pal = Image.fromarray(ids, mode="P")
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    pal.save(tmp_path / "pal.png")
+    wide = np.array([[0, 300], [65535, 7]], np.uint16)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    grey_rgb = np.repeat(ids[..., None], 3, axis=2)
+    Image.fromarray(grey_rgb).save(tmp_path / "grey_rgb.png")
+    colour = grey_rgb.copy()
+    colour[0, 0] = (10, 20, 30)
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+
+    for name, expect in (("pal.png", ids), ("wide.png", wide), ("grey_rgb.png", ids)):
+        src, item = _open_one(fmt, tmp_path / name)
+        with src:
+            got = item.read_labels()
+        assert got.shape == expect.shape and np.array_equal(got, expect), name
+    # As a photo the palette mask is colours: the first band of the red class is 255, not 1.
+    src, item = _open_one(fmt, tmp_path / "pal.png")
+    with src:
+        assert item.read()[0, 0, 1] == 255
+    src, item = _open_one(fmt, tmp_path / "colour.png")
+    with src, pytest.raises(AdapterError, match="colour image cannot be ground truth"):
+        item.read_labels()
+
+
+def test_read_labels_of_a_label_stack_page(tmp_path, fmt):
+    pages = [np.full((6, 5), v, np.uint16) for v in (1, 2, 3000)]
+    Image.fromarray(pages[0]).save(tmp_path / "labels.tif", save_all=True,
+                                   append_images=[Image.fromarray(p) for p in pages[1:]])
+    with fmt.open(str(tmp_path / "labels.tif")) as src:
+        assert [int(src.item(i.key).read_labels()[0, 0]) for i in src.items()] == [1, 2, 3000]

@@ -66,6 +66,11 @@ def test_list_filters_and_pagination(client: TestClient, photo_dir: Path) -> Non
         ({"inputs": ["x.png"], "options": {"colour": "red"}}, "colour"),
         ({"inputs": ["/etc/passwd"]}, "outside the allowed input roots"),
         ({"inputs": ["../../etc/passwd"]}, "outside the allowed input roots"),
+        # A truth map is checked at submission; a bad entry used to fail every scored item in the worker.
+        ({"inputs": ["x.png"], "options": {"truth_map": {"pet": 0}}}, "truth_map"),
+        ({"inputs": ["x.png"], "options": {"truth_map": {"1": 300}}}, "truth_map"),
+        ({"inputs": ["x.png"], "options": {"truth_map": {"1": True}}}, "truth_map"),
+        ({"inputs": [""]}, "inputs"),
     ],
 )
 def test_submit_validation(client: TestClient, body: dict, fragment: str) -> None:
@@ -213,3 +218,36 @@ def test_access_control(client: TestClient, photo_dir: Path) -> None:
 
     clear_token_cache()
     assert as_bob.get("/jobs").status_code == 401
+
+
+def test_method_not_allowed_names_every_method_of_the_path(client: TestClient) -> None:
+    """Starlette answered from the first route of the path: `OPTIONS /jobs` said `Allow: POST` (schemathesis)."""
+    for url, allow in (("/jobs", "GET, POST"), (f"/schedules/{uuid.uuid4()}", "DELETE, GET, PATCH"),
+                       (f"/jobs/{uuid.uuid4()}/cancel", "POST")):
+        r = client.options(url)
+        assert r.status_code == 405 and r.headers["allow"] == allow, (url, r.headers)
+    assert client.delete("/jobs").headers["allow"] == "GET, POST"
+
+
+def test_status_filters_are_checked_and_an_empty_form_pipeline_is_auto(client: TestClient, photo_dir: Path) -> None:
+    f = sorted(photo_dir.iterdir())[0]
+    r = client.post("/jobs", files=[("files", (f.name, f.read_bytes(), "image/jpeg"))],
+                    data={"pipeline": "", "options": ""})  # what an HTML form sends for untouched fields
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["pipeline"] == "auto"
+    # A misspelt item status used to answer an empty list, which reads as "no failures".
+    r = client.get(f"/jobs/{job['id']}/items", params={"status": "failure"})
+    assert r.status_code == 422 and "status" in r.json()["detail"]
+    assert client.get(f"/jobs/{job['id']}/items", params={"status": "failed"}).json()["total"] == 0
+    spec = client.get("/openapi.json").json()
+    params = {p["name"]: p for p in spec["paths"]["/jobs/{job_id}/items"]["get"]["parameters"]}
+    assert "ItemStatus" in str(params["status"]["schema"])  # the allowed values are in the schema
+    assert "pending" in spec["components"]["schemas"]["ItemStatus"]["enum"]
+
+
+def test_truth_map_is_stored_with_the_job(client: TestClient, photo_dir: Path) -> None:
+    body = {"inputs": [str(photo_dir)], "options": {"truth_map": {"1": 0, "2": 1, "3": 255}}}
+    r = client.post("/jobs", json=body)
+    assert r.status_code == 202, r.text
+    assert r.json()["options"]["truth_map"] == {"1": 0, "2": 1, "3": 255}

@@ -321,3 +321,51 @@ def test_models_json(tiny_models: Path) -> None:
     assert proc.returncode == 0
     names = {m["name"]: m for m in json.loads(proc.stdout)}
     assert names["tiny-ct"]["channels"] == 1 and names["tiny-ct"]["default_for"] == ["dicom"]
+
+
+def test_truth_in_the_models_own_convention_is_read_through_its_spec(tiny_models: Path, tmp_path: Path) -> None:
+    """A model whose data writes truth as trimaps (1/2/3 for its classes 0/1/2) scores trimaps without a
+    `--truth-map`; a mask in another convention is scored on what the map covers and the item says how much
+    it left out. Before, trimap value 2 was scored as class 2, and the other mask silently."""
+    import numpy as np
+    from PIL import Image
+
+    spec_path = tiny_models / "tiny-photo" / "spec.json"
+    spec = json.loads(spec_path.read_text())
+    spec["truth_map"] = {"values": {"1": 0, "2": 1, "3": 2}, "reads": "trimaps (1, 2, 3)"}
+    spec_path.write_text(json.dumps(spec))
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(rgb).save(tmp_path / "images" / f"{name}.png")
+    Image.fromarray(np.full((40, 50), 2, np.uint8)).save(tmp_path / "labels" / "a.png")  # all class 1
+    ids = np.zeros((40, 50), np.uint8)
+    ids[:, 25:] = 1
+    pal = Image.fromarray(ids, mode="P")
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.save(tmp_path / "labels" / "b.png")
+    proc = run_cli("run", str(tmp_path / "images"), "--truth", str(tmp_path / "labels"), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    items = {Path(i["source"]).stem: i for i in json.loads(proc.stdout)["items"]}
+    metrics = {m["class_id"]: m for m in items["a"]["metrics"]}
+    share = metrics.get(1, {"pixel_count": 0})["pixel_count"] / (40 * 50)
+    assert metrics[1]["iou"] == pytest.approx(share, abs=1e-6)
+    assert all(m["iou"] in (0.0, None) for c, m in metrics.items() if c != 1)
+    assert items["a"]["meta"]["truth_map"]["from"] == "model tiny-photo"
+    assert not items["a"]["meta"].get("warnings")
+    (warning,) = items["b"]["meta"]["warnings"]
+    assert "50.0% of its pixels hold values not in the truth map" in warning and "0 (50.0%)" in warning
+    # Pixel accuracy and mean IoU against the truth, per item and for the job, from the stored confusion.
+    (sa,) = items["a"]["scores"]
+    assert sa["scored_pixels"] == 40 * 50 and sa["pixel_accuracy"] == pytest.approx(share, abs=1e-9)
+    (sb,) = items["b"]["scores"]
+    assert sb["scored_pixels"] == 40 * 25
+    (job,) = json.loads(proc.stdout)["scores"]
+    assert job["model"] == "tiny-photo" and job["scored_pixels"] == 3000
+    assert job["pixel_accuracy"] == pytest.approx(
+        (sa["pixel_accuracy"] * 2000 + sb["pixel_accuracy"] * 1000) / 3000, abs=1e-9)
+    human = run_cli("results", json.loads(proc.stdout)["id"])
+    assert "b.png: ground truth: 50.0% of its pixels" in human.stdout
+    assert f"against the ground truth (tiny-photo, 3,000 scored pixels): pixel accuracy {job['pixel_accuracy']:.4f}" \
+        in human.stdout

@@ -202,3 +202,33 @@ def test_an_input_that_cannot_be_listed_fails_alone(tmp_path: Path) -> None:
     assert bad.error.startswith("nosuchscheme://host/scene.tif: cannot be listed (ValueError: ")
     assert "s3cret" not in bad.error
     assert planned[1].source == str(good) and planned[1].format == "photo"
+
+
+def test_truth_maps_are_checked_before_a_job_exists(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from core.cli import main
+
+    assert jobs.check_truth_map({"1": 0, "02": 1, "3": 255}) == {"1": 0, "2": 1, "3": 255}
+    for bad, fragment in (({"pet": 0}, "key 'pet'"), ({"1": 256}, "class id 256"), ({"1": True}, "class id True"),
+                          ({"1": 1.5}, "class id 1.5"), ([1, 2], "JSON object")):
+        with pytest.raises(ValueError, match=fragment):
+            jobs.check_truth_map(bad)
+    img = tmp_path / "a.png"
+    img.write_bytes(b"not read: the option fails first")
+    for arg, fragment in (('{"pet": 0}', "key 'pet'"), ("{1: 0}", "not valid JSON")):
+        res = CliRunner().invoke(main, ["submit", str(img), "--truth-map", arg])
+        assert res.exit_code == 2 and fragment in res.output, res.output
+
+
+def test_score_summaries_come_from_the_stored_confusion_per_model() -> None:
+    from core.models import ClassMetric
+
+    cm = [[8, 2], [1, 9]]  # rows = truth
+    rows = [ClassMetric(model="m", class_id=c, class_name=str(c), sums={"confusion": cm}) for c in (0, 1)]
+    rows.append(ClassMetric(model="counts-only", class_id=0, class_name="x", sums={}))
+    (s,) = jobs.score_summaries(rows)
+    assert s["model"] == "m" and s["scored_pixels"] == 20
+    assert s["pixel_accuracy"] == pytest.approx(17 / 20)
+    assert s["mean_iou"] == pytest.approx((8 / 11 + 9 / 12) / 2)
+    assert s["mean_dice"] == pytest.approx((16 / 19 + 18 / 21) / 2)

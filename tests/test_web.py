@@ -494,3 +494,28 @@ def test_class_raster_mask_and_overlay_only_items(world: World, tmp_path: Path) 
     html = c.get(base).text
     assert f"{base}/overlay.png?size=1024" in html and "mask.png" not in html
     assert c.get(f"{base}/mask.png").status_code == 404
+
+
+def test_scored_jobs_show_pixel_accuracy_and_mean_iou(world: World) -> None:
+    """With ground truth, the job and item pages (and GET /jobs/{id}/metrics) lead with the job's pixel
+    accuracy and mean IoU, from the confusion matrix the rows store; unscored jobs show no such line."""
+    from sqlalchemy import select
+
+    from core.db import session_scope
+    from core.models import ClassMetric
+
+    c = login(world.alice)
+    assert "Against the ground truth" not in c.get(f"/ui/jobs/{world.job_id}").text
+    cm = [[700, 0, 0], [100, 200, 0], [0, 0, 200]]  # 1,100 of 1,200 pixels right
+    with session_scope() as s:
+        for r in s.scalars(select(ClassMetric).where(ClassMetric.job_id == world.job_id)):
+            r.sums = {**(r.sums or {}), "confusion": cm}
+    for url in (f"/ui/jobs/{world.job_id}", f"/ui/jobs/{world.job_id}/items/{world.ok_item}"):
+        html = c.get(url).text
+        assert "Against the ground truth" in html and "pixel accuracy <strong>0.9167</strong>" in html, url
+        assert f"mean IoU <strong>{(700 / 800 + 200 / 300 + 1) / 3:.4f}</strong>" in html and "1,200 scored" in html
+    api = client_for(None)
+    body = api.get(f"/jobs/{world.job_id}/metrics", headers={"Authorization": f"Bearer {world.alice}"}).json()
+    assert body["scores"] == [{"model": None, "pixel_accuracy": pytest.approx(1100 / 1200),
+                               "mean_iou": pytest.approx((700 / 800 + 200 / 300 + 1) / 3),
+                               "mean_dice": pytest.approx((1400 / 1500 + 400 / 500 + 1) / 3), "scored_pixels": 1200}]

@@ -244,16 +244,19 @@ def _artifact_key(job_id: uuid.UUID, item_id: uuid.UUID, name: str) -> str:
     return f"jobs/{job_id}/{item_id}/{name}"
 
 
-def _read_truth(path: str, options: dict[str, Any], key: str = "") -> Any:
-    """Ground-truth class ids ``(H, W) uint8`` for the item ``key`` of its input; ``options['truth_map']``
-    maps stored values to class ids.
+def _read_truth(path: str, options: dict[str, Any], key: str, spec: Any) -> tuple[Any, dict[str, Any]]:
+    """Ground-truth class ids ``(H, W) uint8`` (255 = not scored) for the item ``key`` of its input, and what
+    the item's metadata should say about them.
 
     A truth file with one image serves every item; one with several (a label stack beside an image stack)
-    gives each item the image with the same key (``page-0003`` for page 3).
+    gives each item the image with the same key (``page-0003`` for page 3). Stored values become class ids
+    through the job's ``truth_map``, else the model spec's (how its own data writes truth, e.g. Oxford
+    trimaps 1/2/3), else they are class ids already. Values that match no class are not scored, and the
+    metadata says how many pixels that was, so a mask in another convention does not score silently on
+    what is left of it.
     """
-    import numpy as np
-
     from adapters import AdapterError, open_input
+    from pipelines.metrics import truth_classes
 
     base = split_key(key)[0]
     with fetch_input(path, get_settings().storage_options) as local:
@@ -268,14 +271,37 @@ def _read_truth(path: str, options: dict[str, Any], key: str = "") -> Any:
                     raise AdapterError(f"truth {os.path.basename(path)} holds {len(items)} images and none for "
                                        f"{base or 'a single-image input'}{keys}") from None
                 item = items[0]
-            arr = item.read()[0]
-    mapping = options.get("truth_map")
-    if mapping:
-        out = np.full(arr.shape, 255, np.uint8)
-        for k, v in mapping.items():
-            out[arr == int(k)] = int(v)
-        return out
-    return arr.astype(np.uint8)
+            values = item.read_labels()
+    mapping, others, told, hint = None, None, {}, ""
+    if options.get("truth_map"):
+        mapping = {int(k): int(v) for k, v in options["truth_map"].items()}
+        told = {"truth_map": {"from": "job", "values": options["truth_map"]}}
+    elif spec.truth_map is not None:
+        mapping, others = spec.truth_map.as_ints(), spec.truth_map.others
+        told = {"truth_map": {"from": f"model {spec.name}", "reads": spec.truth_map.reads,
+                              "values": spec.truth_map.values, "others": others}}
+        hint = f"; {spec.name} reads {spec.truth_map.reads}"
+    num_classes = max(c.id for c in spec.classes) + 1
+    classes, unscored = truth_classes(values, num_classes, mapping, others)
+    if unscored:
+        share = sum(unscored.values()) / values.size
+        listed = ", ".join(f"{v} ({n / values.size:.1%})"
+                           for v, n in sorted(unscored.items(), key=lambda kv: -kv[1])[:5])
+        rule = ("not in the truth map" if mapping is not None
+                else f"that are not class ids of {spec.name} (0-{num_classes - 1}; 255 = not scored)")
+        told["warnings"] = [f"ground truth: {share:.1%} of its pixels hold values {rule} and are not scored: "
+                            f"{listed}{hint}; a truth map (--truth-map, options.truth_map) reads other values"]
+    return classes, told
+
+
+def _with_truth_notes(meta: dict[str, Any], told: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with what reading the ground truth had to say (:func:`_read_truth`)."""
+    if not told:
+        return meta
+    out = {**meta, **{k: v for k, v in told.items() if k != "warnings"}}
+    if told.get("warnings"):
+        out["warnings"] = [*meta.get("warnings", []), *told["warnings"]]
+    return out
 
 
 def _open_source(stack: ExitStack, source: str, fmt_name: str | None) -> tuple[Any, Any]:
@@ -384,7 +410,10 @@ def _run_one(job_id: uuid.UUID, t: tuple, model: Any, options: dict[str, Any]) -
             if model.spec.kind == "semantic":
                 from pipelines.semantic import segment_item
 
-                gt = _read_truth(truth, options, key) if truth else None
+                gt = None
+                if truth:
+                    gt, told = _read_truth(truth, options, key, model.spec)
+                    meta = _with_truth_notes(meta, told)
                 sink = fmt.semantic_sink(item, out_dir, model.spec.names_by_id(), model.spec.colors_by_id())
                 if isinstance(item, RegionItem):
                     rows = (item.start, item.stop)
@@ -461,7 +490,7 @@ def _run_semantic_batch(job_id: uuid.UUID, batch: Sequence[tuple], model: Any, o
 
     done_job = False
     with tempfile.TemporaryDirectory(prefix="tileseg-out-") as tmp, ExitStack() as stack:
-        opened, sinks, truths = [], [], []
+        opened, sinks, truths, notes = [], [], [], []
         for t in batch:
             item_id, source, key, fmt_name, truth, _ = t
             try:
@@ -469,7 +498,7 @@ def _run_semantic_batch(job_id: uuid.UUID, batch: Sequence[tuple], model: Any, o
                 out_dir = Path(tmp) / str(item_id)
                 out_dir.mkdir()
                 sink = fmt.semantic_sink(item, out_dir, model.spec.names_by_id(), model.spec.colors_by_id())
-                gt = _read_truth(truth, options, key) if truth else None
+                gt, told = _read_truth(truth, options, key, model.spec) if truth else (None, {})
             except TransientError:
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -478,6 +507,7 @@ def _run_semantic_batch(job_id: uuid.UUID, batch: Sequence[tuple], model: Any, o
             opened.append((t, item))
             sinks.append(sink)
             truths.append(gt)
+            notes.append(told)
         if not opened:
             return done_job
         try:
@@ -492,8 +522,8 @@ def _run_semantic_batch(job_id: uuid.UUID, batch: Sequence[tuple], model: Any, o
             for t, _ in opened:
                 done_job |= _run_one(job_id, t, model, options)
             return done_job
-        for (t, _item), sink, result in zip(opened, sinks, results, strict=True):
-            item_id, meta = t[0], {**t[5], "model": model.spec.name}
+        for (t, _item), sink, result, told in zip(opened, sinks, results, notes, strict=True):
+            item_id, meta = t[0], _with_truth_notes({**t[5], "model": model.spec.name}, told)
             try:
                 artifacts = _upload(job_id, item_id, sink.close())
                 rows = _semantic_rows(job_id, item_id, result, model.spec.name)
@@ -560,7 +590,8 @@ def _aggregate_model(job_id: uuid.UUID, model: str | None, rows: Sequence[ClassM
             area_unit=units.pop() if len(units) == 1 else None,
             dice=dice, iou=iou, instance_count=n_inst,
             mean_score=(score_sum / n_inst) if n_inst else None,
-            sums={"confidence_sum": conf_sum, "valid_pixels": valid_total},
+            sums={"confidence_sum": conf_sum, "valid_pixels": valid_total,
+                  **({"confusion": confusion.tolist()} if confusion is not None else {})},
         ))
     return out
 

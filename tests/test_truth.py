@@ -1,0 +1,81 @@
+"""Reading ground truth for scoring (worker.processing._read_truth): label values as stored, the job's or
+the model's truth map, and a warning for the pixels that fall out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from PIL import Image
+
+from pipelines.evaluate import PET_CLASSES, PET_TRUTH
+from pipelines.spec import ClassSpec, ModelSpec, TruthMap
+from worker.processing import _read_truth
+
+TRIMAP = np.array([[1, 1, 3, 2], [1, 3, 2, 2], [3, 2, 2, 2]], np.uint8)
+CLASS_IDS = TRIMAP - 1  # pet 0, background 1, outline 2
+
+
+def _spec(truth_map: TruthMap | None, classes: list[ClassSpec] = PET_CLASSES) -> ModelSpec:
+    return ModelSpec(name="pets", kind="semantic", source="model.keras", classes=classes, truth_map=truth_map)
+
+
+def _palette_png(path: Path, ids: np.ndarray) -> Path:
+    im = Image.fromarray(ids.astype(np.uint8), mode="P")
+    im.putpalette([230, 25, 75, 0, 0, 0, 255, 225, 25] + [0] * 759)  # the pets model's own mask colours
+    im.save(path)
+    return path
+
+
+def test_the_models_truth_map_reads_its_own_datasets_convention(tmp_path: Path) -> None:
+    Image.fromarray(TRIMAP).save(tmp_path / "trimap.png")
+    classes, told = _read_truth(str(tmp_path / "trimap.png"), {}, "", _spec(PET_TRUTH))
+    assert classes.dtype == np.uint8 and np.array_equal(classes, CLASS_IDS)
+    assert told["truth_map"]["from"] == "model pets" and "trimaps" in told["truth_map"]["reads"]
+    assert "warnings" not in told
+
+
+def test_a_jobs_truth_map_wins_and_palette_masks_give_their_indices(tmp_path: Path) -> None:
+    """The service's own mask_png (a palette PNG of class ids) as truth: read as indices, not colours."""
+    path = _palette_png(tmp_path / "mask.png", CLASS_IDS)
+    options = {"truth_map": {"0": 0, "1": 1, "2": 2}}
+    classes, told = _read_truth(str(path), options, "", _spec(PET_TRUTH))
+    assert np.array_equal(classes, CLASS_IDS)
+    assert told == {"truth_map": {"from": "job", "values": options["truth_map"]}}
+    # Without a map and with a model that has none, class ids are taken as they are.
+    classes, told = _read_truth(str(path), {}, "", _spec(None))
+    assert np.array_equal(classes, CLASS_IDS) and told == {}
+
+
+def test_pixels_the_map_does_not_cover_are_named_not_dropped_silently(tmp_path: Path) -> None:
+    path = _palette_png(tmp_path / "mask.png", CLASS_IDS)  # class ids, but the model reads trimaps
+    classes, told = _read_truth(str(path), {}, "", _spec(PET_TRUTH))
+    share = (CLASS_IDS == 0).mean()
+    assert (classes[CLASS_IDS == 0] == 255).all()  # 0 is no trimap value: not scored
+    (warning,) = told["warnings"]
+    assert f"{share:.1%} of its pixels" in warning and f"0 ({share:.1%})" in warning
+    assert "reads Oxford-IIIT Pet trimaps" in warning and "--truth-map" in warning
+
+
+def test_sixteen_bit_truth_is_not_wrapped_into_class_ids(tmp_path: Path) -> None:
+    """A 16-bit label GeoTIFF: 256 used to become class 0 (a uint8 cast); it is not a class, so not scored."""
+    values = np.array([[0, 1, 256], [257, 1, 0]], np.uint16)
+    with rasterio.open(tmp_path / "labels.tif", "w", driver="GTiff", width=3, height=2, count=1,
+                       dtype="uint16") as ds:
+        ds.write(values, 1)
+    classes = [ClassSpec(id=0, name="background"), ClassSpec(id=1, name="cell")]
+    got, told = _read_truth(str(tmp_path / "labels.tif"), {}, "", _spec(None, classes))
+    assert got.tolist() == [[0, 1, 255], [255, 1, 0]]
+    assert "256 (16.7%)" in told["warnings"][0] and "not class ids of pets (0-1" in told["warnings"][0]
+    got, _ = _read_truth(str(tmp_path / "labels.tif"), {"truth_map": {"256": 1, "257": 1, "0": 0}}, "",
+                         _spec(None, classes))
+    assert got.tolist() == [[0, 255, 1], [1, 255, 0]]
+
+
+def test_spec_truth_map_must_name_its_classes() -> None:
+    with pytest.raises(ValueError, match="class ids must be among"):
+        _spec(TruthMap(values={"1": 7}))
+    with pytest.raises(ValueError, match="non-negative integers"):
+        TruthMap(values={"x": 0})
