@@ -48,7 +48,10 @@ def test_instance_job(blob_spec: Path, tmp_path: Path) -> None:
     with rasterio.open(raster, "w", driver="GTiff", width=200, height=200, count=3, dtype="uint8",
                        crs="EPSG:32618", transform=from_origin(500000, 4000000, 0.5, 0.5)) as ds:
         ds.write(np.moveaxis(img, -1, 0))
-    proc = run_cli("run", str(photo), str(raster), "--pipeline", "blobs", "--json")
+    labels = tmp_path / "labels.png"  # a class mask: an instance model cannot score it, and says so
+    Image.fromarray(np.zeros((80, 90), np.uint8)).save(labels)
+    proc = run_cli("run", str(photo), str(raster), "--truth", str(labels), "--truth", str(labels),
+                   "--pipeline", "blobs", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["status"] == "succeeded", out
@@ -59,7 +62,9 @@ def test_instance_job(blob_spec: Path, tmp_path: Path) -> None:
     geo = by_name["scene.tif"]
     # Instance models run on the input's own pixels; a 0.5 m raster for a 0.25 m model is flagged.
     assert any("differs from the 0.25 m" in w for w in geo["meta"]["warnings"]), geo["meta"]
-    assert not by_name["blobs.png"]["meta"].get("warnings")
+    (note,) = by_name["blobs.png"]["meta"]["warnings"]
+    assert note.startswith("ground truth labels.png is not scored: blobs is an instance model")
+    assert note in geo["meta"]["warnings"] and not by_name["blobs.png"]["scores"]
     assert {"geojson", "gpkg", "instance_raster", "class_raster"} <= set(geo["artifacts"])
     import pyogrio
 

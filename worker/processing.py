@@ -437,9 +437,13 @@ def _run_one(job_id: uuid.UUID, t: tuple, model: Any, options: dict[str, Any]) -
             from pipelines.instances import detect_item, instance_figures
 
             spec = model.spec
-            note = _instance_resolution_note(item, spec)
-            if note:
-                meta = {**meta, "warnings": [*meta.get("warnings", []), note]}
+            notes = [_instance_resolution_note(item, spec)]
+            if truth:
+                notes.append(f"ground truth {os.path.basename(truth)} is not scored: {spec.name} is an instance "
+                             "model, scored by mask AP against instance annotations (tileseg eval --model "
+                             f"{spec.name}); a semantic model scores class masks")
+            if any(notes):
+                meta = {**meta, "warnings": [*meta.get("warnings", []), *filter(None, notes)]}
             found = detect_item(item, model, tile=spec.input_size, overlap=spec.overlap,
                                 score_threshold=float(options.get("score_threshold", spec.score_threshold)),
                                 max_detections=int(options.get("max_detections", spec.max_detections)))
