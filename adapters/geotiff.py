@@ -68,7 +68,9 @@ __all__ = [
     "GeoTiffSource",
     "looks_geospatial",
     "polygon_area",
+    "reproject_labels",
     "rle_crop",
+    "same_grid",
     "write_geotiff_instances",
 ]
 
@@ -982,3 +984,32 @@ class GeoTiffFormat(Format):
         ``class_id``, ``class_name``, ``score``, ``pixels``, ``area``, ``area_m2``) when the raster has a
         CRS. Overlapping pixels go to the higher score; nodata pixels are never assigned."""
         return write_geotiff_instances(item, instances, out_dir, class_names)
+
+
+def same_grid(a: ItemInfo, b: ItemInfo, tol: float = 1e-6) -> bool:
+    """True when two georeferenced items have the same size, CRS and pixel grid (to ``tol`` of a pixel)."""
+    if (a.height, a.width) != (b.height, b.width) or a.transform is None or b.transform is None:
+        return (a.height, a.width) == (b.height, b.width)
+    if a.crs_wkt and b.crs_wkt and CRS.from_wkt(a.crs_wkt) != CRS.from_wkt(b.crs_wkt):
+        return False
+    ta, tb = Affine(*a.transform), Affine(*b.transform)
+    corners = [(0, 0), (a.width, 0), (0, a.height), (a.width, a.height)]
+    size = max(abs(ta.a), abs(ta.e), 1e-12)
+    return all(abs(x1 - x2) <= tol * size and abs(y1 - y2) <= tol * size
+               for (x1, y1), (x2, y2) in ((ta @ c, tb @ c) for c in corners))
+
+
+def reproject_labels(labels: np.ndarray, src: ItemInfo, dst: ItemInfo, fill: int = NODATA_CLASS) -> np.ndarray:
+    """Class ids ``(H, W) uint8`` on ``src``'s georeferenced grid, resampled (nearest, so no invented
+    classes) onto ``dst``'s ``(H', W')`` grid, in any CRS; pixels of ``dst`` outside ``src`` get ``fill``.
+    For ground truth rasterised on another extent or resolution than the image it scores."""
+    from rasterio.warp import reproject
+
+    if src.transform is None or dst.transform is None or not src.crs_wkt or not dst.crs_wkt:
+        raise AdapterError("labels and image must both be georeferenced to be put on one grid")
+    out = np.full((dst.height, dst.width), fill, np.uint8)
+    reproject(np.ascontiguousarray(labels, np.uint8), out, src_transform=Affine(*src.transform),
+              src_crs=CRS.from_wkt(src.crs_wkt), dst_transform=Affine(*dst.transform),
+              dst_crs=CRS.from_wkt(dst.crs_wkt), src_nodata=fill, dst_nodata=fill,
+              resampling=Resampling.nearest)
+    return out

@@ -79,3 +79,59 @@ def test_spec_truth_map_must_name_its_classes() -> None:
         _spec(TruthMap(values={"1": 7}))
     with pytest.raises(ValueError, match="non-negative integers"):
         TruthMap(values={"x": 0})
+
+
+def _geotiff(path: Path, arr: np.ndarray, x0: float, y0: float, res: float, crs: str = "EPSG:32618") -> Path:
+    from rasterio.transform import from_origin
+
+    with rasterio.open(path, "w", driver="GTiff", width=arr.shape[1], height=arr.shape[0], count=1,
+                       dtype=arr.dtype, crs=crs, transform=from_origin(x0, y0, res, res)) as ds:
+        ds.write(arr, 1)
+    return path
+
+
+def test_georeferenced_truth_on_another_grid_is_put_on_the_images(tmp_path: Path) -> None:
+    """Labels rasterised for a larger area at 1 m, scoring a 0.5 m image: resampled onto the image's grid by
+    georeference (nearest), the part of the image the labels do not cover is not scored, and the item says so.
+    Before, the shapes differed and the item failed."""
+    from adapters import open_input
+
+    image = _geotiff(tmp_path / "image.tif", np.zeros((30, 40), np.uint8), 500000, 4000000, 0.5)
+    with open_input(str(image))[1] as src:
+        target = next(iter(src.items())).info
+    # 1 m labels starting 5 m east of the image and 10 m further north; building (1) in their east half.
+    labels = np.zeros((20, 30), np.uint8)
+    labels[:, 15:] = 1
+    truth = _geotiff(tmp_path / "labels.tif", labels, 500005, 4000010, 1.0)
+    classes = [ClassSpec(id=0, name="background"), ClassSpec(id=1, name="building")]
+    got, told = _read_truth(str(truth), {}, "", _spec(None, classes), target)
+    assert got.shape == (30, 40)
+    # Image column c lies at x = 500000 + 0.5 (c + 0.5); the labels start at x = 500005 (c = 10), building
+    # from 500020 (c = 40, beyond the image). Rows: the labels end at y = 3999990, image row 20.
+    expect = np.full((30, 40), 255, np.uint8)
+    expect[:20, 10:] = 0
+    assert np.array_equal(got, expect)
+    (warning,) = told["warnings"]
+    assert "on another grid (30x20 px) than the image (40x30 px)" in warning
+    assert f"{(expect == 255).mean():.1%} of the image has no truth" in warning
+    # The same labels on the image's own grid: used as they are, no warning.
+    same = _geotiff(tmp_path / "same.tif", expect, 500000, 4000000, 0.5)
+    got, told = _read_truth(str(same), {}, "", _spec(None, classes), target)
+    assert np.array_equal(got, expect) and told == {}
+
+
+def test_georeferenced_truth_in_another_crs(tmp_path: Path) -> None:
+    from rasterio.warp import transform
+
+    from adapters import open_input
+
+    image = _geotiff(tmp_path / "image.tif", np.zeros((20, 20), np.uint8), 500000, 4000000, 1.0)
+    with open_input(str(image))[1] as src:
+        target = next(iter(src.items())).info
+    # Lon/lat labels covering the image generously, all class 1.
+    (lon,), (lat,) = transform("EPSG:32618", "EPSG:4326", [500010], [3999990])
+    truth = _geotiff(tmp_path / "ll.tif", np.ones((50, 50), np.uint8), lon - 0.001, lat + 0.001, 0.00004,
+                     crs="EPSG:4326")
+    classes = [ClassSpec(id=0, name="background"), ClassSpec(id=1, name="building")]
+    got, told = _read_truth(str(truth), {}, "", _spec(None, classes), target)
+    assert got.shape == (20, 20) and (got == 1).all() and "0.0% of the image has no truth" in told["warnings"][0]

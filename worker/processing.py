@@ -23,7 +23,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from adapters import AdapterError, get_format
-from adapters.base import Format, RegionItem, split_key
+from adapters.base import Format, ItemInfo, RegionItem, split_key
 from adapters.base import Item as AdapterItem
 from core import jobs
 from core.db import session_scope
@@ -244,7 +244,8 @@ def _artifact_key(job_id: uuid.UUID, item_id: uuid.UUID, name: str) -> str:
     return f"jobs/{job_id}/{item_id}/{name}"
 
 
-def _read_truth(path: str, options: dict[str, Any], key: str, spec: Any) -> tuple[Any, dict[str, Any]]:
+def _read_truth(path: str, options: dict[str, Any], key: str, spec: Any,
+                target: ItemInfo | None = None) -> tuple[Any, dict[str, Any]]:
     """Ground-truth class ids ``(H, W) uint8`` (255 = not scored) for the item ``key`` of its input, and what
     the item's metadata should say about them.
 
@@ -253,7 +254,8 @@ def _read_truth(path: str, options: dict[str, Any], key: str, spec: Any) -> tupl
     through the job's ``truth_map``, else the model spec's (how its own data writes truth, e.g. Oxford
     trimaps 1/2/3), else they are class ids already. Values that match no class are not scored, and the
     metadata says how many pixels that was, so a mask in another convention does not score silently on
-    what is left of it.
+    what is left of it. A georeferenced truth on another grid than ``target`` (the image: another extent,
+    resolution or CRS, as labels rasterised elsewhere are) is resampled onto it, nearest neighbour.
     """
     from adapters import AdapterError, open_input
     from pipelines.metrics import truth_classes
@@ -272,6 +274,7 @@ def _read_truth(path: str, options: dict[str, Any], key: str, spec: Any) -> tupl
                                        f"{base or 'a single-image input'}{keys}") from None
                 item = items[0]
             values = item.read_labels()
+            truth_info = item.info
     mapping, others, told, hint = None, None, {}, ""
     if options.get("truth_map"):
         mapping = {int(k): int(v) for k, v in options["truth_map"].items()}
@@ -291,7 +294,21 @@ def _read_truth(path: str, options: dict[str, Any], key: str, spec: Any) -> tupl
                 else f"that are not class ids of {spec.name} (0-{num_classes - 1}; 255 = not scored)")
         told["warnings"] = [f"ground truth: {share:.1%} of its pixels hold values {rule} and are not scored: "
                             f"{listed}{hint}; a truth map (--truth-map, options.truth_map) reads other values"]
+    if target is not None and _georeferenced(truth_info) and _georeferenced(target):
+        from adapters.geotiff import reproject_labels, same_grid
+
+        if not same_grid(truth_info, target):
+            classes = reproject_labels(classes, truth_info, target)
+            gap = float((classes == 255).mean())
+            told.setdefault("warnings", []).append(
+                f"ground truth {os.path.basename(path)} is on another grid ({truth_info.width}x{truth_info.height} "
+                f"px) than the image ({target.width}x{target.height} px); it was resampled onto the image's grid "
+                f"(nearest neighbour), and {gap:.1%} of the image has no truth there (outside it or not scored)")
     return classes, told
+
+
+def _georeferenced(info: ItemInfo) -> bool:
+    return info.transform is not None and bool(info.crs_wkt)
 
 
 def _with_truth_notes(meta: dict[str, Any], told: dict[str, Any]) -> dict[str, Any]:
@@ -412,7 +429,8 @@ def _run_one(job_id: uuid.UUID, t: tuple, model: Any, options: dict[str, Any]) -
 
                 gt = None
                 if truth:
-                    gt, told = _read_truth(truth, options, key, model.spec)
+                    whole = item.base if isinstance(item, RegionItem) else item  # parts slice the whole's truth
+                    gt, told = _read_truth(truth, options, key, model.spec, whole.info)
                     meta = _with_truth_notes(meta, told)
                 sink = fmt.semantic_sink(item, out_dir, model.spec.names_by_id(), model.spec.colors_by_id())
                 if isinstance(item, RegionItem):
@@ -502,7 +520,7 @@ def _run_semantic_batch(job_id: uuid.UUID, batch: Sequence[tuple], model: Any, o
                 out_dir = Path(tmp) / str(item_id)
                 out_dir.mkdir()
                 sink = fmt.semantic_sink(item, out_dir, model.spec.names_by_id(), model.spec.colors_by_id())
-                gt, told = _read_truth(truth, options, key, model.spec) if truth else (None, {})
+                gt, told = _read_truth(truth, options, key, model.spec, item.info) if truth else (None, {})
             except TransientError:
                 raise
             except Exception as exc:  # noqa: BLE001
