@@ -52,7 +52,8 @@ from adapters.base import (
 )
 from adapters.photo import blend_overlay, palette_bytes
 
-__all__ = ["DICOM_MEDIA_TYPE", "DicomFormat", "DicomItem", "DicomMaskSink", "DicomSource"]
+__all__ = ["DICOM_MEDIA_TYPE", "DicomFormat", "DicomItem", "DicomMaskSink", "DicomSource", "SegLabels",
+           "segmentation_labels"]
 
 log = logging.getLogger(__name__)
 
@@ -1154,3 +1155,59 @@ def _dicom_item(item: Item) -> DicomItem:
     if not isinstance(item, DicomItem):
         raise AdapterError(f"item {getattr(item, 'key', '?')!r} is not a readable DICOM item")
     return item
+
+
+@dataclass(frozen=True)
+class SegLabels:
+    """What a DICOM SEG says about one image: ``numbers`` ``(H, W) uint8`` segment numbers (0 = no segment),
+    and ``labels`` ``{segment number: SegmentLabel}`` of all the SEG's segments."""
+
+    numbers: np.ndarray
+    labels: dict[int, str]
+
+
+def segmentation_labels(path: str | Path, target: ItemInfo) -> SegLabels | None:
+    """The segments of the DICOM SEG at ``path`` on the image ``target`` (a slice or frame read by this
+    adapter), found by the image's SOP Instance UID (and frame number, for multi-frame images), as ground
+    truth; None when ``path`` is not a DICOM SEG. Raises :class:`AdapterError` when the SEG does not
+    reference the image, or when highdicom cannot combine its segments into one label per pixel (overlaps
+    between segments are not checked).
+
+    A referenced image for which the SEG stores no frame has no segment on it (encoders omit empty frames).
+    """
+    import highdicom as hd
+
+    path = Path(path)
+    if not looks_dicom(path):
+        return None
+    ds = _read_header(path)
+    if _non_image_object(ds) != "SEG":
+        return None
+    uid, frame = target.extra.get("sop_instance_uid"), target.extra.get("frame")
+    name = path.name
+    if not uid:
+        raise AdapterError(f"{name}: a DICOM SEG scores DICOM images by their SOP Instance UID, and this image "
+                           "has none (a de-identified or non-DICOM input); give the truth as a label image")
+    try:
+        seg = hd.seg.segread(path)
+        labels = {n: str(seg.get_segment_description(n).segment_label) for n in seg.segment_numbers}
+        referenced = {sop for _, _, sop in seg.get_source_image_uids()}
+        if uid not in referenced:
+            raise AdapterError(f"{name}: the SEG does not reference this image (SOP Instance UID {uid}); it "
+                               f"segments {len(referenced)} other images")
+        common = {"combine_segments": True, "ignore_spatial_locations": True, "skip_overlap_checks": True,
+                  "assert_missing_frames_are_empty": True, "dtype": np.uint8}
+        if frame is None:
+            arr = seg.get_pixels_by_source_instance(source_sop_instance_uids=[uid], **common)
+        else:
+            arr = seg.get_pixels_by_source_frame(source_sop_instance_uid=uid, source_frame_numbers=[frame + 1],
+                                                 **common)
+    except AdapterError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - highdicom raises many types for odd SEGs; name the file
+        raise AdapterError(f"{name}: cannot read the DICOM SEG as labels ({type(exc).__name__}: {exc})") from exc
+    numbers = np.asarray(arr)[0]
+    if numbers.shape != (target.height, target.width):
+        raise AdapterError(f"{name}: SEG frames are {numbers.shape[1]}x{numbers.shape[0]}, the image "
+                           f"{target.width}x{target.height}")
+    return SegLabels(numbers, labels)

@@ -369,3 +369,25 @@ def test_truth_in_the_models_own_convention_is_read_through_its_spec(tiny_models
     assert "b.png: ground truth: 50.0% of its pixels" in human.stdout
     assert f"against the ground truth (tiny-photo, 3,000 scored pixels): pixel accuracy {job['pixel_accuracy']:.4f}" \
         in human.stdout
+
+
+def test_a_dicom_series_scored_against_its_dicom_seg(tiny_models: Path, tmp_path: Path) -> None:
+    """`tileseg run series/ --truth liver_seg.dcm`: every slice is scored against the SEG's frame for it."""
+    dcmqi = REPO.parent / "shared" / "data" / "medical_labeled" / "ct_liver_spine_heart_dcmqi"
+    if not (dcmqi / "dicom_seg" / "liver_seg.dcm").is_file():
+        pytest.skip("real data absent: medical_labeled/ct_liver_spine_heart_dcmqi")
+    spec_path = tiny_models / "tiny-ct" / "spec.json"
+    spec = json.loads(spec_path.read_text())
+    spec["classes"][1]["name"] = "liver"
+    spec_path.write_text(json.dumps(spec))
+    proc = run_cli("run", str(dcmqi / "dicom_ct"), "--truth", str(dcmqi / "dicom_seg" / "liver_seg.dcm"), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["status"] == "succeeded" and len(out["items"]) == 3
+    for item in out["items"]:
+        (score,) = item["scores"]
+        assert score["scored_pixels"] == 512 * 512
+        assert item["meta"]["truth_map"]["values"] == {"0": 0, "1": 1}
+        liver = {m["class_name"]: m for m in item["metrics"]}["liver"]
+        assert liver["iou"] is not None
+    assert out["scores"][0]["scored_pixels"] == 3 * 512 * 512

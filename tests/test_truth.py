@@ -135,3 +135,49 @@ def test_georeferenced_truth_in_another_crs(tmp_path: Path) -> None:
     classes = [ClassSpec(id=0, name="background"), ClassSpec(id=1, name="building")]
     got, told = _read_truth(str(truth), {}, "", _spec(None, classes), target)
     assert got.shape == (20, 20) and (got == 1).all() and "0.0% of the image has no truth" in told["warnings"][0]
+
+
+DCMQI = Path(__file__).resolve().parents[2] / "shared" / "data" / "medical_labeled" / "ct_liver_spine_heart_dcmqi"
+
+
+def _ct_item_info(name: str):
+    from adapters import open_input
+
+    if not (DCMQI / "dicom_seg" / "liver_seg.dcm").is_file():
+        pytest.skip("real data absent: medical_labeled/ct_liver_spine_heart_dcmqi")
+    with open_input(str(DCMQI / "dicom_ct" / name))[1] as src:
+        return next(iter(src.items())).info
+
+
+def test_a_dicom_seg_scores_the_slices_it_references(tmp_path: Path) -> None:
+    """dcmqi's liver SEG (3 frames, one segment 'Liver') over its 3-slice CT: each slice gets its own frame,
+    segment labels are matched to class names, pixels in no segment are background. It was refused as "a
+    DICOM SEG object, not an image", failing every item."""
+    info = _ct_item_info("01.dcm")
+    classes = [ClassSpec(id=0, name="background"), ClassSpec(id=1, name="spleen"), ClassSpec(id=2, name="liver")]
+    spec = ModelSpec(name="ct", kind="semantic", source="m.keras", classes=classes, background_class=0)
+    got, told = _read_truth(str(DCMQI / "dicom_seg" / "liver_seg.dcm"), {}, "", spec, info)
+    assert got.shape == (512, 512) and set(np.unique(got).tolist()) == {0, 2}
+    # The README's PNG labels were painted from the same masks (liver = 1; overlaps with later masks lost).
+    png = np.asarray(Image.open(DCMQI / "png" / "labels" / "slice_01.png"))
+    assert ((got == 2) == (png == 1)).mean() > 0.999
+    assert told["truth_map"]["values"] == {"0": 0, "1": 2}
+    (warning,) = told["warnings"]
+    assert "has no segment for spleen" in warning and "those of liver are exact" in warning
+    # A job's truth map reads segment numbers.
+    got, told = _read_truth(str(DCMQI / "dicom_seg" / "liver_seg.dcm"), {"truth_map": {"1": 1}}, "", spec, info)
+    assert set(np.unique(got).tolist()) == {1, 255} and told["truth_map"]["from"] == "job"
+
+
+def test_a_dicom_seg_of_other_images_is_refused_by_name(tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+
+    from adapters import AdapterError, open_input
+
+    with open_input(get_testdata_file("CT_small.dcm"))[1] as src:
+        info = next(iter(src.items())).info
+    _ct_item_info("01.dcm")  # skips without the data
+    spec = ModelSpec(name="ct", kind="semantic", source="m.keras", classes=[ClassSpec(id=0, name="background"),
+                     ClassSpec(id=1, name="liver")], background_class=0)
+    with pytest.raises(AdapterError, match="liver_seg.dcm: the SEG does not reference this image"):
+        _read_truth(str(DCMQI / "dicom_seg" / "liver_seg.dcm"), {}, "", spec, info)

@@ -262,6 +262,12 @@ def _read_truth(path: str, options: dict[str, Any], key: str, spec: Any,
 
     base = split_key(key)[0]
     with fetch_input(path, get_settings().storage_options) as local:
+        if target is not None and target.extra.get("sop_instance_uid"):
+            from adapters.dicom import segmentation_labels
+
+            seg = segmentation_labels(local, target)
+            if seg is not None:
+                return _seg_truth(seg, os.path.basename(path), options, spec)
         _, source = open_input(local)
         with source:
             try:
@@ -304,6 +310,48 @@ def _read_truth(path: str, options: dict[str, Any], key: str, spec: Any,
                 f"ground truth {os.path.basename(path)} is on another grid ({truth_info.width}x{truth_info.height} "
                 f"px) than the image ({target.width}x{target.height} px); it was resampled onto the image's grid "
                 f"(nearest neighbour), and {gap:.1%} of the image has no truth there (outside it or not scored)")
+    return classes, told
+
+
+def _seg_truth(seg: Any, name: str, options: dict[str, Any], spec: Any) -> tuple[Any, dict[str, Any]]:
+    """Class ids from a DICOM SEG's segments on one image (see :func:`_read_truth`): by the job's
+    ``truth_map`` (segment number -> class id) if given, else each segment whose label names a class of the
+    model (case, spaces and underscores ignored) becomes that class, and pixels in no segment become the
+    model's background class. A segment naming no class is not scored; classes the SEG has no segment for
+    cannot be told from background, and the item says so."""
+    from pipelines.metrics import truth_classes
+
+    def norm(text: str) -> str:
+        return "".join(ch for ch in text.lower() if ch.isalnum())
+
+    num_classes = max(c.id for c in spec.classes) + 1
+    warnings_: list[str] = []
+    if options.get("truth_map"):
+        mapping = {int(k): int(v) for k, v in options["truth_map"].items()}
+        told: dict[str, Any] = {"truth_map": {"from": "job", "values": options["truth_map"]}}
+    else:
+        by_name = {norm(c.name): c.id for c in spec.classes}
+        mapping = {n: by_name[norm(label)] for n, label in seg.labels.items() if norm(label) in by_name}
+        if spec.background_class is not None:
+            mapping[0] = spec.background_class
+        told = {"truth_map": {"from": f"DICOM SEG {name}: segment labels matched to class names",
+                              "values": {str(k): v for k, v in sorted(mapping.items())}}}
+        unmatched = [f"{n} {label!r}" for n, label in seg.labels.items() if n not in mapping]
+        if unmatched:
+            warnings_.append(f"ground truth {name}: segments {', '.join(unmatched)} name no class of {spec.name} "
+                             f"({', '.join(spec.class_names)}) and are not scored; a truth map (segment "
+                             "number -> class id) assigns them")
+        covered = set(mapping.values())
+        missing = [c.name for c in spec.classes if c.id not in covered]
+        exact = [c.name for c in spec.classes if c.id in covered and c.id != spec.background_class]
+        if missing and spec.background_class is not None:
+            warnings_.append(
+                f"ground truth {name} has no segment for {', '.join(missing)}: there it cannot be told from "
+                "background, so the figures of those classes and of background, and pixel accuracy, count such "
+                f"predictions as errors; those of {', '.join(exact) or 'no class'} are exact")
+    classes, _ = truth_classes(seg.numbers, num_classes, mapping)
+    if warnings_:
+        told["warnings"] = warnings_
     return classes, told
 
 
