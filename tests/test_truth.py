@@ -1,4 +1,4 @@
-"""Reading ground truth for scoring (worker.processing._read_truth): label values as stored, the job's or
+"""Reading ground truth for scoring (worker.truth.read_truth): label values as stored, the job's or
 the model's truth map, and a warning for the pixels that fall out."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipelines.evaluate import PET_CLASSES, PET_TRUTH
 from pipelines.spec import ClassSpec, ModelSpec, TruthMap
-from worker.processing import _read_truth
+from worker.truth import read_truth
 
 TRIMAP = np.array([[1, 1, 3, 2], [1, 3, 2, 2], [3, 2, 2, 2]], np.uint8)
 CLASS_IDS = TRIMAP - 1  # pet 0, background 1, outline 2
@@ -31,7 +31,7 @@ def _palette_png(path: Path, ids: np.ndarray) -> Path:
 
 def test_the_models_truth_map_reads_its_own_datasets_convention(tmp_path: Path) -> None:
     Image.fromarray(TRIMAP).save(tmp_path / "trimap.png")
-    classes, told = _read_truth(str(tmp_path / "trimap.png"), {}, "", _spec(PET_TRUTH))
+    classes, told = read_truth(str(tmp_path / "trimap.png"), {}, "", _spec(PET_TRUTH))
     assert classes.dtype == np.uint8 and np.array_equal(classes, CLASS_IDS)
     assert told["truth_map"]["from"] == "model pets" and "trimaps" in told["truth_map"]["reads"]
     assert "warnings" not in told
@@ -41,17 +41,17 @@ def test_a_jobs_truth_map_wins_and_palette_masks_give_their_indices(tmp_path: Pa
     """The service's own mask_png (a palette PNG of class ids) as truth: read as indices, not colours."""
     path = _palette_png(tmp_path / "mask.png", CLASS_IDS)
     options = {"truth_map": {"0": 0, "1": 1, "2": 2}}
-    classes, told = _read_truth(str(path), options, "", _spec(PET_TRUTH))
+    classes, told = read_truth(str(path), options, "", _spec(PET_TRUTH))
     assert np.array_equal(classes, CLASS_IDS)
     assert told == {"truth_map": {"from": "job", "values": options["truth_map"]}}
     # Without a map and with a model that has none, class ids are taken as they are.
-    classes, told = _read_truth(str(path), {}, "", _spec(None))
+    classes, told = read_truth(str(path), {}, "", _spec(None))
     assert np.array_equal(classes, CLASS_IDS) and told == {}
 
 
 def test_pixels_the_map_does_not_cover_are_named_not_dropped_silently(tmp_path: Path) -> None:
     path = _palette_png(tmp_path / "mask.png", CLASS_IDS)  # class ids, but the model reads trimaps
-    classes, told = _read_truth(str(path), {}, "", _spec(PET_TRUTH))
+    classes, told = read_truth(str(path), {}, "", _spec(PET_TRUTH))
     share = (CLASS_IDS == 0).mean()
     assert (classes[CLASS_IDS == 0] == 255).all()  # 0 is no trimap value: not scored
     (warning,) = told["warnings"]
@@ -66,10 +66,10 @@ def test_sixteen_bit_truth_is_not_wrapped_into_class_ids(tmp_path: Path) -> None
                        dtype="uint16") as ds:
         ds.write(values, 1)
     classes = [ClassSpec(id=0, name="background"), ClassSpec(id=1, name="cell")]
-    got, told = _read_truth(str(tmp_path / "labels.tif"), {}, "", _spec(None, classes))
+    got, told = read_truth(str(tmp_path / "labels.tif"), {}, "", _spec(None, classes))
     assert got.tolist() == [[0, 1, 255], [255, 1, 0]]
     assert "256 (16.7%)" in told["warnings"][0] and "not class ids of pets (0-1" in told["warnings"][0]
-    got, _ = _read_truth(str(tmp_path / "labels.tif"), {"truth_map": {"256": 1, "257": 1, "0": 0}}, "",
+    got, _ = read_truth(str(tmp_path / "labels.tif"), {"truth_map": {"256": 1, "257": 1, "0": 0}}, "",
                          _spec(None, classes))
     assert got.tolist() == [[0, 255, 1], [1, 255, 0]]
 
@@ -104,7 +104,7 @@ def test_georeferenced_truth_on_another_grid_is_put_on_the_images(tmp_path: Path
     labels[:, 15:] = 1
     truth = _geotiff(tmp_path / "labels.tif", labels, 500005, 4000010, 1.0)
     classes = [ClassSpec(id=0, name="background"), ClassSpec(id=1, name="building")]
-    got, told = _read_truth(str(truth), {}, "", _spec(None, classes), target)
+    got, told = read_truth(str(truth), {}, "", _spec(None, classes), target)
     assert got.shape == (30, 40)
     # Image column c lies at x = 500000 + 0.5 (c + 0.5); the labels start at x = 500005 (c = 10), building
     # from 500020 (c = 40, beyond the image). Rows: the labels end at y = 3999990, image row 20.
@@ -116,7 +116,7 @@ def test_georeferenced_truth_on_another_grid_is_put_on_the_images(tmp_path: Path
     assert f"{(expect == 255).mean():.1%} of the image has no truth" in warning
     # The same labels on the image's own grid: used as they are, no warning.
     same = _geotiff(tmp_path / "same.tif", expect, 500000, 4000000, 0.5)
-    got, told = _read_truth(str(same), {}, "", _spec(None, classes), target)
+    got, told = read_truth(str(same), {}, "", _spec(None, classes), target)
     assert np.array_equal(got, expect) and told == {}
 
 
@@ -133,7 +133,7 @@ def test_georeferenced_truth_in_another_crs(tmp_path: Path) -> None:
     truth = _geotiff(tmp_path / "ll.tif", np.ones((50, 50), np.uint8), lon - 0.001, lat + 0.001, 0.00004,
                      crs="EPSG:4326")
     classes = [ClassSpec(id=0, name="background"), ClassSpec(id=1, name="building")]
-    got, told = _read_truth(str(truth), {}, "", _spec(None, classes), target)
+    got, told = read_truth(str(truth), {}, "", _spec(None, classes), target)
     assert got.shape == (20, 20) and (got == 1).all() and "0.0% of the image has no truth" in told["warnings"][0]
 
 
@@ -156,7 +156,7 @@ def test_a_dicom_seg_scores_the_slices_it_references(tmp_path: Path) -> None:
     info = _ct_item_info("01.dcm")
     classes = [ClassSpec(id=0, name="background"), ClassSpec(id=1, name="spleen"), ClassSpec(id=2, name="liver")]
     spec = ModelSpec(name="ct", kind="semantic", source="m.keras", classes=classes, background_class=0)
-    got, told = _read_truth(str(DCMQI / "dicom_seg" / "liver_seg.dcm"), {}, "", spec, info)
+    got, told = read_truth(str(DCMQI / "dicom_seg" / "liver_seg.dcm"), {}, "", spec, info)
     assert got.shape == (512, 512) and set(np.unique(got).tolist()) == {0, 2}
     # The README's PNG labels were painted from the same masks (liver = 1; overlaps with later masks lost).
     png = np.asarray(Image.open(DCMQI / "png" / "labels" / "slice_01.png"))
@@ -165,7 +165,7 @@ def test_a_dicom_seg_scores_the_slices_it_references(tmp_path: Path) -> None:
     (warning,) = told["warnings"]
     assert "has no segment for spleen" in warning and "those of liver are exact" in warning
     # A job's truth map reads segment numbers.
-    got, told = _read_truth(str(DCMQI / "dicom_seg" / "liver_seg.dcm"), {"truth_map": {"1": 1}}, "", spec, info)
+    got, told = read_truth(str(DCMQI / "dicom_seg" / "liver_seg.dcm"), {"truth_map": {"1": 1}}, "", spec, info)
     assert set(np.unique(got).tolist()) == {1, 255} and told["truth_map"]["from"] == "job"
 
 
@@ -180,4 +180,4 @@ def test_a_dicom_seg_of_other_images_is_refused_by_name(tmp_path: Path) -> None:
     spec = ModelSpec(name="ct", kind="semantic", source="m.keras", classes=[ClassSpec(id=0, name="background"),
                      ClassSpec(id=1, name="liver")], background_class=0)
     with pytest.raises(AdapterError, match="liver_seg.dcm: the SEG does not reference this image"):
-        _read_truth(str(DCMQI / "dicom_seg" / "liver_seg.dcm"), {}, "", spec, info)
+        read_truth(str(DCMQI / "dicom_seg" / "liver_seg.dcm"), {}, "", spec, info)

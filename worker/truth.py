@@ -1,0 +1,139 @@
+"""Ground truth for scoring an item: read as stored label values (or a DICOM SEG's segments), turned into the
+model's class ids by the job's or the model's truth map, put on the image's grid when both are georeferenced,
+and what the item's metadata should say about it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from adapters.base import ItemInfo, split_key
+from core.settings import get_settings
+from core.store import fetch_input
+
+__all__ = ["read_truth", "with_truth_notes"]
+
+
+def read_truth(path: str, options: dict[str, Any], key: str, spec: Any,
+                target: ItemInfo | None = None) -> tuple[Any, dict[str, Any]]:
+    """Ground-truth class ids ``(H, W) uint8`` (255 = not scored) for the item ``key`` of its input, and what
+    the item's metadata should say about them.
+
+    A truth file with one image serves every item; one with several (a label stack beside an image stack)
+    gives each item the image with the same key (``page-0003`` for page 3). Stored values become class ids
+    through the job's ``truth_map``, else the model spec's (how its own data writes truth, e.g. Oxford
+    trimaps 1/2/3), else they are class ids already. Values that match no class are not scored, and the
+    metadata says how many pixels that was, so a mask in another convention does not score silently on
+    what is left of it. A georeferenced truth on another grid than ``target`` (the image: another extent,
+    resolution or CRS, as labels rasterised elsewhere are) is resampled onto it, nearest neighbour.
+    """
+    from adapters import AdapterError, open_input
+    from pipelines.metrics import truth_classes
+
+    base = split_key(key)[0]
+    with fetch_input(path, get_settings().storage_options) as local:
+        if target is not None and target.extra.get("sop_instance_uid"):
+            from adapters.dicom import segmentation_labels
+
+            seg = segmentation_labels(local, target)
+            if seg is not None:
+                return _seg_truth(seg, os.path.basename(path), options, spec)
+        _, source = open_input(local)
+        with source:
+            try:
+                item = source.item(base)  # a stack opens only that page
+            except AdapterError:
+                items = list(source.items())
+                if len(items) != 1:
+                    keys = f" (keys {items[0].key} ... {items[-1].key})" if items else ""
+                    raise AdapterError(f"truth {os.path.basename(path)} holds {len(items)} images and none for "
+                                       f"{base or 'a single-image input'}{keys}") from None
+                item = items[0]
+            values = item.read_labels()
+            truth_info = item.info
+    mapping, others, told, hint = None, None, {}, ""
+    if options.get("truth_map"):
+        mapping = {int(k): int(v) for k, v in options["truth_map"].items()}
+        told = {"truth_map": {"from": "job", "values": options["truth_map"]}}
+    elif spec.truth_map is not None:
+        mapping, others = spec.truth_map.as_ints(), spec.truth_map.others
+        told = {"truth_map": {"from": f"model {spec.name}", "reads": spec.truth_map.reads,
+                              "values": spec.truth_map.values, "others": others}}
+        hint = f"; {spec.name} reads {spec.truth_map.reads}"
+    num_classes = max(c.id for c in spec.classes) + 1
+    classes, unscored = truth_classes(values, num_classes, mapping, others)
+    if unscored:
+        share = sum(unscored.values()) / values.size
+        listed = ", ".join(f"{v} ({n / values.size:.1%})"
+                           for v, n in sorted(unscored.items(), key=lambda kv: -kv[1])[:5])
+        rule = ("not in the truth map" if mapping is not None
+                else f"that are not class ids of {spec.name} (0-{num_classes - 1}; 255 = not scored)")
+        told["warnings"] = [f"ground truth: {share:.1%} of its pixels hold values {rule} and are not scored: "
+                            f"{listed}{hint}; a truth map (--truth-map, options.truth_map) reads other values"]
+    if target is not None and _georeferenced(truth_info) and _georeferenced(target):
+        from adapters.geotiff import reproject_labels, same_grid
+
+        if not same_grid(truth_info, target):
+            classes = reproject_labels(classes, truth_info, target)
+            gap = float((classes == 255).mean())
+            told.setdefault("warnings", []).append(
+                f"ground truth {os.path.basename(path)} is on another grid ({truth_info.width}x{truth_info.height} "
+                f"px) than the image ({target.width}x{target.height} px); it was resampled onto the image's grid "
+                f"(nearest neighbour), and {gap:.1%} of the image has no truth there (outside it or not scored)")
+    return classes, told
+
+
+def _seg_truth(seg: Any, name: str, options: dict[str, Any], spec: Any) -> tuple[Any, dict[str, Any]]:
+    """Class ids from a DICOM SEG's segments on one image (see :func:`read_truth`): by the job's
+    ``truth_map`` (segment number -> class id) if given, else each segment whose label names a class of the
+    model (case, spaces and underscores ignored) becomes that class, and pixels in no segment become the
+    model's background class. A segment naming no class is not scored; classes the SEG has no segment for
+    cannot be told from background, and the item says so."""
+    from pipelines.metrics import truth_classes
+
+    def norm(text: str) -> str:
+        return "".join(ch for ch in text.lower() if ch.isalnum())
+
+    num_classes = max(c.id for c in spec.classes) + 1
+    warnings_: list[str] = []
+    if options.get("truth_map"):
+        mapping = {int(k): int(v) for k, v in options["truth_map"].items()}
+        told: dict[str, Any] = {"truth_map": {"from": "job", "values": options["truth_map"]}}
+    else:
+        by_name = {norm(c.name): c.id for c in spec.classes}
+        mapping = {n: by_name[norm(label)] for n, label in seg.labels.items() if norm(label) in by_name}
+        if spec.background_class is not None:
+            mapping[0] = spec.background_class
+        told = {"truth_map": {"from": f"DICOM SEG {name}: segment labels matched to class names",
+                              "values": {str(k): v for k, v in sorted(mapping.items())}}}
+        unmatched = [f"{n} {label!r}" for n, label in seg.labels.items() if n not in mapping]
+        if unmatched:
+            warnings_.append(f"ground truth {name}: segments {', '.join(unmatched)} name no class of {spec.name} "
+                             f"({', '.join(spec.class_names)}) and are not scored; a truth map (segment "
+                             "number -> class id) assigns them")
+        covered = set(mapping.values())
+        missing = [c.name for c in spec.classes if c.id not in covered]
+        exact = [c.name for c in spec.classes if c.id in covered and c.id != spec.background_class]
+        if missing and spec.background_class is not None:
+            warnings_.append(
+                f"ground truth {name} has no segment for {', '.join(missing)}: there it cannot be told from "
+                "background, so the figures of those classes and of background, and pixel accuracy, count such "
+                f"predictions as errors; those of {', '.join(exact) or 'no class'} are exact")
+    classes, _ = truth_classes(seg.numbers, num_classes, mapping)
+    if warnings_:
+        told["warnings"] = warnings_
+    return classes, told
+
+
+def _georeferenced(info: ItemInfo) -> bool:
+    return info.transform is not None and bool(info.crs_wkt)
+
+
+def with_truth_notes(meta: dict[str, Any], told: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with what reading the ground truth had to say (:func:`read_truth`)."""
+    if not told:
+        return meta
+    out = {**meta, **{k: v for k, v in told.items() if k != "warnings"}}
+    if told.get("warnings"):
+        out["warnings"] = [*meta.get("warnings", []), *told["warnings"]]
+    return out
