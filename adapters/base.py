@@ -199,10 +199,11 @@ class Item(abc.ABC):
         """``(H, W) bool``, False where the input has no data (nodata, internal masks); None if all valid."""
         return None
 
-    def read_labels(self) -> np.ndarray:
-        """``(H, W)`` integer values of the whole item read as a label image (ground truth): its first band
-        as stored, not converted for display. Raises :class:`AdapterError` for non-integer values."""
-        arr = np.asarray(self.read(None)[0])
+    def read_labels(self, window: Window | None = None) -> np.ndarray:
+        """``(h, w)`` integer values of ``window`` (whole item if None) read as a label image (ground truth):
+        its first band as stored, not converted for display. Raises :class:`AdapterError` for non-integer
+        values."""
+        arr = np.asarray(self.read(window)[0])
         if arr.dtype.kind == "f":
             if not (np.isfinite(arr).all() and np.array_equal(arr, np.rint(arr))):
                 raise AdapterError("label image holds values that are not integers; ground truth must hold "

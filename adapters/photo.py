@@ -275,11 +275,11 @@ class PhotoItem(Item):
             self._alpha = alpha
             return self._rgb
 
-    def read_labels(self) -> np.ndarray:
-        """``(H, W)`` label values as stored, EXIF orientation applied: palette indices of a ``P`` image (a
-        VOC-style mask, or this service's own ``mask_png``), raw 8/16/32-bit values, 0/1 for bilevel. Photo
-        reading converts to display RGB, which would turn palette indices into colours and scale 16-bit
-        values by 1/257. A colour image counts only when it is grey."""
+    def read_labels(self, window: Window | None = None) -> np.ndarray:
+        """``(h, w)`` label values of ``window`` (whole image if None) as stored, EXIF orientation applied:
+        palette indices of a ``P`` image (a VOC-style mask, or this service's own ``mask_png``), raw
+        8/16/32-bit values, 0/1 for bilevel. Photo reading converts to display RGB, which would turn palette
+        indices into colours and scale 16-bit values by 1/257. A colour image counts only when it is grey."""
         name = Path(self.path).name + (f" [{self.key}]" if self.key else "")
         if ImageFile.LOAD_TRUNCATED_IMAGES:  # a truncated label would pass, completed with zeros
             raise AdapterError(f"{name}: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; refusing to decode")
@@ -287,9 +287,13 @@ class PhotoItem(Item):
             with _open_image(self.path) as im:
                 im.seek(self.page)
                 im.load()
-                return _label_values(ImageOps.exif_transpose(im), name)
+                labels = _label_values(ImageOps.exif_transpose(im), name)
         except _PIL_ERRORS as e:
             raise AdapterError(f"{name}: cannot decode label image ({type(e).__name__}: {e})") from e
+        if window is None:
+            return labels
+        r0, r1, c0, c1 = _bounds(window, self.info)
+        return labels[r0:r1, c0:c1]
 
     def read(self, window: Window | None = None) -> np.ndarray:
         """``(3, h, w) uint8`` RGB of ``window`` (whole image if None), EXIF orientation applied."""

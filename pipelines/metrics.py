@@ -26,6 +26,7 @@ __all__ = [
 
 #: Truth class id of pixels that are not scored.
 IGNORE = 255
+_CHUNK = 1 << 22
 
 
 def truth_classes(
@@ -44,8 +45,15 @@ def truth_classes(
     if values.dtype.kind not in "uib":
         raise ValueError(f"truth values must be integers, got {values.dtype}")
     flat = values.reshape(-1)
-    if values.dtype.kind in "ub" and values.dtype.itemsize <= 2:  # 8/16-bit labels: a table, no sort
-        counts = np.bincount(flat.astype(np.intp, copy=False), minlength=1)
+    # 8/16-bit labels (nearly all): counted and looked up through a table, in chunks, so a whole-raster
+    # truth of 10^9 pixels never has an 8-byte copy (np.bincount and fancy indexing make one per call).
+    small = values.dtype.kind in "ub" and values.dtype.itemsize <= 2
+    chunks = [flat[i : i + _CHUNK] for i in range(0, flat.size, _CHUNK)]
+    if small:
+        size = 2 if values.dtype.kind == "b" else 1 << (8 * values.dtype.itemsize)
+        counts = np.zeros(size, np.int64)
+        for c in chunks:
+            counts += np.bincount(c.astype(np.intp), minlength=size)
         uniq = np.flatnonzero(counts)
         counts = counts[uniq]
     else:
@@ -64,12 +72,16 @@ def truth_classes(
             lut[i] = others
         else:
             dropped[i] = True
-    if values.dtype.kind in "ub" and values.dtype.itemsize <= 2:
-        table = np.full(int(uniq[-1]) + 1 if uniq.size else 1, IGNORE, np.uint8)
+    out = np.empty(flat.size, np.uint8)
+    if small:
+        table = np.full(size, IGNORE, np.uint8)
         table[uniq] = lut
-        classes = table[values.astype(np.intp, copy=False)] if values.dtype.kind == "b" else table[values]
+        for n, c in enumerate(chunks):
+            out[n * _CHUNK : n * _CHUNK + c.size] = table[c.astype(np.intp)]
     else:
-        classes = lut[np.searchsorted(uniq, values)]
+        for n, c in enumerate(chunks):
+            out[n * _CHUNK : n * _CHUNK + c.size] = lut[np.searchsorted(uniq, c)]
+    classes = out.reshape(values.shape)
     unscored = {int(uniq[i]): int(counts[i]) for i in np.flatnonzero(dropped)}
     return classes, unscored
 

@@ -215,3 +215,15 @@ def test_truth_classes_bool_and_float_inputs():
     assert truth_classes(np.array([[True, False]]), 2)[0].tolist() == [[1, 0]]
     with pytest.raises(ValueError, match="integers"):
         truth_classes(np.array([[0.5]]), 2)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32])
+def test_truth_classes_in_chunks_equals_one_pass(monkeypatch, dtype):
+    import pipelines.metrics as m
+
+    values = np.random.default_rng(3).integers(0, 6, (37, 29)).astype(dtype)
+    whole = truth_classes(values, 3, {1: 0, 2: 1, 3: 2}, others=None)
+    monkeypatch.setattr(m, "_CHUNK", 100)  # 11 chunks, the last one short
+    chunked = truth_classes(values, 3, {1: 0, 2: 1, 3: 2}, others=None)
+    assert np.array_equal(whole[0], chunked[0]) and whole[1] == chunked[1]
+    assert chunked[1] == {v: int((values == v).sum()) for v in (0, 4, 5)}

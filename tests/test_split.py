@@ -89,11 +89,16 @@ def test_split_job_is_mosaicked(tiny_models: Path, tmp_path: Path, monkeypatch: 
     from tests.test_e2e_embedded import run_cli
 
     path = _raster(tmp_path / "scene.tif", 700, 500)
-    whole = run_cli("run", str(path), "--json")
+    # Ground truth on the raster's grid: each part reads only its own rows of it.
+    truth = tmp_path / "truth.tif"
+    with rasterio.open(path) as src, rasterio.open(truth, "w", driver="GTiff", width=500, height=700, count=1,
+                                                   dtype="uint8", crs=src.crs, transform=src.transform) as ds:
+        ds.write((np.mgrid[:700, :500][1] // 170).astype(np.uint8), 1)
+    whole = run_cli("run", str(path), "--truth", str(truth), "--json")
     assert whole.returncode == 0, whole.stderr[-2000:]
     one = json.loads(whole.stdout)
     assert one["items_total"] == 1
-    split = run_cli("run", str(path), "--json", env={"TILESEG_SPLIT_PIXELS": "100000"})
+    split = run_cli("run", str(path), "--truth", str(truth), "--json", env={"TILESEG_SPLIT_PIXELS": "100000"})
     assert split.returncode == 0, split.stderr[-2000:]
     out = json.loads(split.stdout)
     assert out["status"] == "succeeded" and out["items_total"] == 2
@@ -106,3 +111,7 @@ def test_split_job_is_mosaicked(tiny_models: Path, tmp_path: Path, monkeypatch: 
         assert (a.read(1) == b.read(1)).mean() > 0.999
     job_pixels = sum(c["pixel_count"] for c in out["classes"])
     assert job_pixels == 700 * 500 == sum(c["pixel_count"] for c in one["classes"])
+    assert [i["scores"][0]["scored_pixels"] for i in out["items"]] == [512 * 500, 188 * 500]
+    (split_score,), (whole_score,) = out["scores"], one["scores"]
+    assert split_score["scored_pixels"] == whole_score["scored_pixels"] == 700 * 500
+    assert split_score["pixel_accuracy"] == pytest.approx(whole_score["pixel_accuracy"], abs=1e-3)

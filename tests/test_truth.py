@@ -181,3 +181,21 @@ def test_a_dicom_seg_of_other_images_is_refused_by_name(tmp_path: Path) -> None:
                      ClassSpec(id=1, name="liver")], background_class=0)
     with pytest.raises(AdapterError, match="liver_seg.dcm: the SEG does not reference this image"):
         read_truth(str(DCMQI / "dicom_seg" / "liver_seg.dcm"), {}, "", spec, info)
+
+
+def test_a_split_rasters_part_gets_its_rows_of_the_truth(tmp_path: Path) -> None:
+    """Parts of a split raster: rows of the truth by a window on the same grid, by resampling onto the part's
+    rows on another grid; either way equal to the whole's truth cut to those rows."""
+    from adapters import open_input
+
+    image = _geotiff(tmp_path / "image.tif", np.zeros((30, 40), np.uint8), 500000, 4000000, 0.5)
+    with open_input(str(image))[1] as src:
+        target = next(iter(src.items())).info
+    classes = [ClassSpec(id=0, name="background"), ClassSpec(id=1, name="building")]
+    labels = (np.indices((30, 40)).sum(axis=0) % 2).astype(np.uint8)
+    same = _geotiff(tmp_path / "same.tif", labels, 500000, 4000000, 0.5)
+    coarse = _geotiff(tmp_path / "coarse.tif", labels[::2, ::2], 499999, 4000001, 1.0)
+    for truth in (same, coarse):
+        whole, _ = read_truth(str(truth), {}, "", _spec(None, classes), target)
+        part, _ = read_truth(str(truth), {}, "", _spec(None, classes), target, (7, 19))
+        assert part.shape == (12, 40) and np.array_equal(part, whole[7:19]), truth.name

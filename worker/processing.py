@@ -353,13 +353,15 @@ def _run_one(job_id: uuid.UUID, t: tuple, model: Any, options: dict[str, Any]) -
 
                 gt = None
                 if truth:
-                    whole = item.base if isinstance(item, RegionItem) else item  # parts slice the whole's truth
-                    gt, told = read_truth(truth, options, key, model.spec, whole.info)
+                    if isinstance(item, RegionItem):  # a part of a split raster: its rows of the truth
+                        gt, told = read_truth(truth, options, key, model.spec, item.base.info,
+                                              (item.start, item.stop))
+                    else:
+                        gt, told = read_truth(truth, options, key, model.spec, item.info)
                     meta = with_truth_notes(meta, told)
                 sink = fmt.semantic_sink(item, out_dir, model.spec.names_by_id(), model.spec.colors_by_id())
                 if isinstance(item, RegionItem):
                     rows = (item.start, item.stop)
-                    gt = None if gt is None else gt[item.start : item.stop]
                     result = segment_item(item.base, model, sink, ground_truth=gt, rows=rows)
                 elif model.spec.ground_resolution_m and item.info.crs_wkt:
                     # Georeferenced input at another ground resolution: resample to the model's, return the

@@ -5,17 +5,19 @@ and what the item's metadata should say about it."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
-from adapters.base import ItemInfo, split_key
+from adapters.base import ItemInfo, Window, split_key
+from adapters.geotiff import reproject_labels, same_grid
 from core.settings import get_settings
 from core.store import fetch_input
 
 __all__ = ["read_truth", "with_truth_notes"]
 
 
-def read_truth(path: str, options: dict[str, Any], key: str, spec: Any,
-                target: ItemInfo | None = None) -> tuple[Any, dict[str, Any]]:
+def read_truth(path: str, options: dict[str, Any], key: str, spec: Any, target: ItemInfo | None = None,
+               rows: tuple[int, int] | None = None) -> tuple[Any, dict[str, Any]]:
     """Ground-truth class ids ``(H, W) uint8`` (255 = not scored) for the item ``key`` of its input, and what
     the item's metadata should say about them.
 
@@ -26,6 +28,8 @@ def read_truth(path: str, options: dict[str, Any], key: str, spec: Any,
     metadata says how many pixels that was, so a mask in another convention does not score silently on
     what is left of it. A georeferenced truth on another grid than ``target`` (the image: another extent,
     resolution or CRS, as labels rasterised elsewhere are) is resampled onto it, nearest neighbour.
+    ``rows`` ``(start, stop)``: only those rows of ``target`` (one part of a split raster), read as a window
+    when the truth is on the image's grid, so no part holds the whole raster's truth.
     """
     from adapters import AdapterError, open_input
     from pipelines.metrics import truth_classes
@@ -49,8 +53,11 @@ def read_truth(path: str, options: dict[str, Any], key: str, spec: Any,
                     raise AdapterError(f"truth {os.path.basename(path)} holds {len(items)} images and none for "
                                        f"{base or 'a single-image input'}{keys}") from None
                 item = items[0]
-            values = item.read_labels()
             truth_info = item.info
+            window = None
+            if rows is not None and target is not None and same_grid(truth_info, target):
+                window = Window(0, rows[0], target.width, rows[1] - rows[0])
+            values = item.read_labels(window)
     mapping, others, told, hint = None, None, {}, ""
     if options.get("truth_map"):
         mapping = {int(k): int(v) for k, v in options["truth_map"].items()}
@@ -70,11 +77,9 @@ def read_truth(path: str, options: dict[str, Any], key: str, spec: Any,
                 else f"that are not class ids of {spec.name} (0-{num_classes - 1}; 255 = not scored)")
         told["warnings"] = [f"ground truth: {share:.1%} of its pixels hold values {rule} and are not scored: "
                             f"{listed}{hint}; a truth map (--truth-map, options.truth_map) reads other values"]
-    if target is not None and _georeferenced(truth_info) and _georeferenced(target):
-        from adapters.geotiff import reproject_labels, same_grid
-
+    if window is None and target is not None and _georeferenced(truth_info) and _georeferenced(target):
         if not same_grid(truth_info, target):
-            classes = reproject_labels(classes, truth_info, target)
+            classes = reproject_labels(classes, truth_info, _rows_of(target, rows) if rows else target)
             gap = float((classes == 255).mean())
             told.setdefault("warnings", []).append(
                 f"ground truth {os.path.basename(path)} is on another grid ({truth_info.width}x{truth_info.height} "
@@ -123,6 +128,12 @@ def _seg_truth(seg: Any, name: str, options: dict[str, Any], spec: Any) -> tuple
     if warnings_:
         told["warnings"] = warnings_
     return classes, told
+
+
+def _rows_of(info: ItemInfo, rows: tuple[int, int]) -> ItemInfo:
+    """The grid of rows ``[start, stop)`` of a georeferenced ``info``."""
+    a, b, c, d, e, f = info.transform
+    return replace(info, height=rows[1] - rows[0], transform=(a, b, c + b * rows[0], d, e, f + e * rows[0]))
 
 
 def _georeferenced(info: ItemInfo) -> bool:
