@@ -144,7 +144,7 @@ async def _uploaded_inputs(request: Request, job_hint: uuid.UUID) -> tuple[list[
         raise HTTPException(413, f"upload of {declared} bytes exceeds the limit of {limit} bytes")
     form = await request.form(max_files=10_000, max_fields=100)
     store = ArtifactStore(s.artifacts, s.storage_options)
-    inputs: list[jobs.InputSpec] = []
+    uploads: list[tuple[str, str, str]] = []
     fields: dict[str, Any] = {}
     total = 0
     import tempfile
@@ -161,8 +161,28 @@ async def _uploaded_inputs(request: Request, job_hint: uuid.UUID) -> tuple[list[
                 tmp.write(chunk)
             tmp.flush()
             stored = store.put(Path(tmp.name), f"uploads/{job_hint}/{_safe_name(value.filename, n)}")
-        inputs.append(jobs.InputSpec(path=stored.uri))
-    return inputs, fields
+        uploads.append((key, Path(value.filename or "").name, stored.uri))
+    return _pair_truths(uploads), fields
+
+
+def _pair_truths(uploads: list[tuple[str, str, str]]) -> list[jobs.InputSpec]:
+    """Inputs from ``(form field, file name, stored URI)`` uploads: files under ``truth`` are the ground truth
+    of the upload with the same file stem (``cat.jpg`` <- ``cat.png``), or of the only upload; a truth that
+    matches no upload is a 422, not a truth silently dropped."""
+    images = [(name, uri) for key, name, uri in uploads if key != "truth"]
+    truths: dict[str, str] = {}
+    for key, name, uri in uploads:
+        if key == "truth":
+            if Path(name).stem in truths:
+                raise HTTPException(422, f"truth: two files with the stem {Path(name).stem!r}")
+            truths[Path(name).stem] = uri
+    if len(images) == 1 and len(truths) == 1:
+        return [jobs.InputSpec(path=images[0][1], truth=next(iter(truths.values())))]
+    out = [jobs.InputSpec(path=uri, truth=truths.pop(Path(name).stem, None)) for name, uri in images]
+    if truths:
+        raise HTTPException(422, f"truth: {', '.join(sorted(truths))} match no uploaded file by name (the truth "
+                                 "of cat.jpg is a truth upload named cat.*)")
+    return out
 
 
 #: The JSON body of POST /jobs, documented by hand because the route reads JSON or multipart itself; its models
@@ -214,6 +234,8 @@ def _document_errors(schema: dict[str, Any]) -> None:
               "application/json": {"schema": {"$ref": "#/components/schemas/JobIn"}},
               "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
                   "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}},
+                  "truth": {"type": "array", "items": {"type": "string", "format": "binary"},
+                            "description": "ground truth of the file with the same stem (cat.png for cat.jpg)"},
                   "pipeline": {"type": "string", "default": "auto", "description": "model name; empty = auto"},
                   "options": {"type": "string", "description": "JobOptions as JSON; empty = {}"}}}}}}})
 async def submit(request: Request, owner: Owner) -> JSONResponse:

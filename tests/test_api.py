@@ -251,3 +251,26 @@ def test_truth_map_is_stored_with_the_job(client: TestClient, photo_dir: Path) -
     r = client.post("/jobs", json=body)
     assert r.status_code == 202, r.text
     assert r.json()["options"]["truth_map"] == {"1": 0, "2": 1, "3": 255}
+
+
+def test_uploads_carry_their_truth_by_file_stem(client: TestClient, photo_dir: Path) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    photos = sorted(photo_dir.iterdir())[:2]
+    buf = io.BytesIO()
+    Image.fromarray(np.ones((4, 4), np.uint8)).save(buf, format="PNG")
+    label = buf.getvalue()
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in photos]
+    r = client.post("/jobs", files=[*files, ("truth", (f"{photos[1].stem}.png", label, "image/png"))])
+    assert r.status_code == 202, r.text
+    inputs = client.get(f"/jobs/{r.json()['id']}").json()["inputs"]
+    assert len(inputs) == 2 and inputs[0]["truth"] is None
+    assert inputs[1]["truth"].endswith(f"{photos[1].stem}.png") and inputs[1]["truth"] != inputs[1]["path"]
+    # One photo, one truth: paired whatever the names; a truth that names no upload is refused, not dropped.
+    r = client.post("/jobs", files=[files[0], ("truth", ("mask.png", label, "image/png"))])
+    assert r.status_code == 202 and client.get(f"/jobs/{r.json()['id']}").json()["inputs"][0]["truth"]
+    r = client.post("/jobs", files=[*files, ("truth", ("nothing.png", label, "image/png"))])
+    assert r.status_code == 422 and "nothing match no uploaded file" in r.json()["detail"]
