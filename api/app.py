@@ -153,6 +153,8 @@ async def _uploaded_inputs(request: Request, job_hint: uuid.UUID) -> tuple[list[
         if isinstance(value, str):
             fields[key] = value
             continue
+        if not value.filename and not value.size:  # a form's file input left empty still sends a part
+            continue
         with tempfile.NamedTemporaryFile(prefix="tileseg-up-", delete=True) as tmp:
             while chunk := await value.read(1 << 20):
                 total += len(chunk)

@@ -447,6 +447,15 @@ def test_submit_upload_uses_the_api_upload_path(world: World) -> None:
                  files=[("files", ("a.png", data, "image/png"))])
     assert bad.status_code == 422 and "unknown pipeline" in bad.text
     assert c.post("/ui/submit/upload", data={"pipeline": "auto"}).status_code == 415
+    # The optional truth input: a label pairs with the photo of the same stem; left empty, the browser's
+    # empty part is no input and no truth.
+    r = c.post("/ui/submit/upload", data={"pipeline": "auto"},
+               files=[("files", ("cat.png", data, "image/png")), ("files", ("dog.png", data, "image/png")),
+                      ("truth", ("dog.png", data, "image/png")), ("truth", ("", b"", "application/octet-stream"))])
+    assert r.status_code == 303, r.text
+    inputs = c.get(f"/jobs/{r.headers['location'].rsplit('/', 1)[-1]}").json()["inputs"]
+    assert [i["truth"] is not None for i in inputs] == [False, True]
+    assert 'name="truth" type="file"' in c.get("/ui/submit").text
 
 
 def test_cancel_from_the_page(world: World, photo_dir: Path) -> None:
