@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -21,6 +21,7 @@ __all__ = [
     "coco_mask_ap",
     "confusion_matrix",
     "scores",
+    "TruthClasses",
     "truth_classes",
 ]
 
@@ -29,9 +30,17 @@ IGNORE = 255
 _CHUNK = 1 << 22
 
 
+class TruthClasses(NamedTuple):
+    """:func:`truth_classes`' answer: the class ids, the unscored values' pixel counts, and every value found."""
+
+    classes: np.ndarray
+    unscored: dict[int, int]
+    values: tuple[int, ...]
+
+
 def truth_classes(
     values: np.ndarray, num_classes: int, mapping: dict[int, int] | None = None, others: int | None = None
-) -> tuple[np.ndarray, dict[int, int]]:
+) -> TruthClasses:
     """Stored ground-truth values ``(H, W)`` int -> class ids ``(H, W) uint8`` (:data:`IGNORE` = not scored).
 
     Without ``mapping`` the values are class ids already: ``[0, num_classes)`` are kept and :data:`IGNORE`
@@ -39,7 +48,7 @@ def truth_classes(
     :data:`IGNORE`), and the values it does not list become class ``others``, or are not scored when
     ``others`` is None. Returns the classes and ``{value: pixel count}`` of the values that fell out
     without being asked to (a 0/255 mask read as class ids, a trimap value missing from the map), so the
-    caller can say so instead of scoring silently on part of the truth.
+    caller can say so instead of scoring silently on part of the truth; and the distinct values found.
     """
     values = np.asarray(values)
     if values.dtype.kind not in "uib":
@@ -83,7 +92,7 @@ def truth_classes(
             out[n * _CHUNK : n * _CHUNK + c.size] = lut[np.searchsorted(uniq, c)]
     classes = out.reshape(values.shape)
     unscored = {int(uniq[i]): int(counts[i]) for i in np.flatnonzero(dropped)}
-    return classes, unscored
+    return TruthClasses(classes, unscored, tuple(int(v) for v in uniq))
 
 
 def confusion_matrix(

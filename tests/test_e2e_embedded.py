@@ -353,8 +353,10 @@ def test_truth_in_the_models_own_convention_is_read_through_its_spec(tiny_models
     assert metrics[1]["iou"] == pytest.approx(share, abs=1e-6)
     assert all(m["iou"] in (0.0, None) for c, m in metrics.items() if c != 1)
     assert items["a"]["meta"]["truth_map"]["from"] == "model tiny-photo"
-    assert not items["a"]["meta"].get("warnings")
-    (warning,) = items["b"]["meta"]["warnings"]
+    # All of a's values (2) are class ids too, so the item says how it read them and how to read them else.
+    (doubt,) = items["a"]["meta"]["warnings"]
+    assert "values (2) are all class ids of tiny-photo too; they were read as trimaps (1, 2, 3)" in doubt
+    doubt, warning = items["b"]["meta"]["warnings"]
     assert "50.0% of its pixels hold values not in the truth map" in warning and "0 (50.0%)" in warning
     # Pixel accuracy and mean IoU against the truth, per item and for the job, from the stored confusion.
     (sa,) = items["a"]["scores"]

@@ -181,7 +181,8 @@ def test_coco_mask_ap_perfect_and_shifted():
 
 def test_truth_classes_identity_keeps_class_ids_and_reports_the_rest():
     t = np.array([[0, 1, 2], [3, 255, 3]], np.uint8)
-    classes, unscored = truth_classes(t, 3)
+    classes, unscored, found = truth_classes(t, 3)
+    assert found == (0, 1, 2, 3, 255)
     assert classes.dtype == np.uint8
     assert classes.tolist() == [[0, 1, 2], [255, 255, 255]]
     assert unscored == {3: 2}  # 255 is the documented "not scored", so it is not reported
@@ -189,14 +190,14 @@ def test_truth_classes_identity_keeps_class_ids_and_reports_the_rest():
 
 def test_truth_classes_mapping_others_and_unlisted_values():
     trimap = np.array([[1, 2, 3], [0, 2, 255]], np.uint8)
-    classes, unscored = truth_classes(trimap, 3, {1: 0, 2: 1, 3: 2})
+    classes, unscored, _ = truth_classes(trimap, 3, {1: 0, 2: 1, 3: 2})
     assert classes.tolist() == [[0, 1, 2], [255, 1, 255]]
     assert unscored == {0: 1, 255: 1}  # neither is in the map
     mask = np.array([[0, 255], [1, 0]], np.uint8)  # 0/255 and 0/1 building masks alike
-    classes, unscored = truth_classes(mask, 2, {0: 0}, others=1)
+    classes, unscored, _ = truth_classes(mask, 2, {0: 0}, others=1)
     assert classes.tolist() == [[0, 1], [1, 0]] and unscored == {}
     # A value may be mapped to 255 on purpose (a "void" label): not scored, not reported.
-    classes, unscored = truth_classes(np.array([[7, 1]], np.uint8), 2, {7: 255, 1: 1})
+    classes, unscored, _ = truth_classes(np.array([[7, 1]], np.uint8), 2, {7: 255, 1: 1})
     assert classes.tolist() == [[255, 1]] and unscored == {}
 
 
@@ -204,10 +205,10 @@ def test_truth_classes_mapping_others_and_unlisted_values():
 def test_truth_classes_wide_labels_are_not_wrapped(dtype):
     """A 16-bit or 32-bit label image: 256 must not become class 0, as a uint8 cast would make it."""
     t = np.array([[256, 0], [70000 if np.iinfo(dtype).max > 70000 else 1000, 1]], dtype)
-    classes, unscored = truth_classes(t, 2)
+    classes, unscored, _ = truth_classes(t, 2)
     assert classes.tolist() == [[255, 0], [255, 1]]
     assert set(unscored) == {256, int(t[1, 0])}
-    classes, _ = truth_classes(t, 2, {256: 1}, others=0)
+    classes, _, _ = truth_classes(t, 2, {256: 1}, others=0)
     assert classes.tolist() == [[1, 0], [0, 0]]
 
 

@@ -54,9 +54,10 @@ def test_pixels_the_map_does_not_cover_are_named_not_dropped_silently(tmp_path: 
     classes, told = read_truth(str(path), {}, "", _spec(PET_TRUTH))
     share = (CLASS_IDS == 0).mean()
     assert (classes[CLASS_IDS == 0] == 255).all()  # 0 is no trimap value: not scored
-    (warning,) = told["warnings"]
+    ids, warning = told["warnings"]
     assert f"{share:.1%} of its pixels" in warning and f"0 ({share:.1%})" in warning
     assert "reads Oxford-IIIT Pet trimaps" in warning and "--truth-map" in warning
+    assert "are all class ids of pets too" in ids and ids.endswith('{"0":0,"1":1,"2":2}')
 
 
 def test_sixteen_bit_truth_is_not_wrapped_into_class_ids(tmp_path: Path) -> None:
@@ -199,3 +200,21 @@ def test_a_split_rasters_part_gets_its_rows_of_the_truth(tmp_path: Path) -> None
         whole, _ = read_truth(str(truth), {}, "", _spec(None, classes), target)
         part, _ = read_truth(str(truth), {}, "", _spec(None, classes), target, (7, 19))
         assert part.shape == (12, 40) and np.array_equal(part, whole[7:19]), truth.name
+
+
+def test_class_ids_read_through_the_models_map_are_flagged(tmp_path: Path) -> None:
+    """ct-organs reads TotalSegmentator ids (1 = spleen, 5 = liver); a mask of its own class ids (1 = liver)
+    fits that map too, so it would be misread without a word. The item names the identity map to give."""
+    from pipelines.domains import CT_CLASSES, CT_TRUTH
+
+    spec = ModelSpec(name="ct-organs", kind="semantic", source="m.keras", classes=[c for c, _ in CT_CLASSES],
+                     background_class=0, truth_map=CT_TRUTH)
+    Image.fromarray(np.array([[0, 1], [5, 1]], np.uint8)).save(tmp_path / "ids.png")
+    got, told = read_truth(str(tmp_path / "ids.png"), {}, "", spec)
+    assert got.tolist() == [[0, 2], [1, 2]]  # read as TotalSegmentator ids, as the spec says
+    (warning,) = told["warnings"]
+    assert "values (0, 1, 5) are all class ids of ct-organs too" in warning
+    assert warning.endswith('{"0":0,"1":1,"2":2,"3":3,"4":4,"5":5}')
+    # A TotalSegmentator label holds ids past the classes (63 = inferior vena cava): no such doubt.
+    Image.fromarray(np.array([[0, 1], [5, 63]], np.uint8)).save(tmp_path / "ts.png")
+    assert "warnings" not in read_truth(str(tmp_path / "ts.png"), {}, "", spec)[1]

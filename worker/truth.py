@@ -4,6 +4,7 @@ and what the item's metadata should say about it."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from typing import Any
@@ -58,7 +59,7 @@ def read_truth(path: str, options: dict[str, Any], key: str, spec: Any, target: 
             if rows is not None and target is not None and same_grid(truth_info, target):
                 window = Window(0, rows[0], target.width, rows[1] - rows[0])
             values = item.read_labels(window)
-    mapping, others, told, hint = None, None, {}, ""
+    mapping, others, told, hint, from_spec = None, None, {}, "", False
     if options.get("truth_map"):
         mapping = {int(k): int(v) for k, v in options["truth_map"].items()}
         told = {"truth_map": {"from": "job", "values": options["truth_map"]}}
@@ -66,17 +67,24 @@ def read_truth(path: str, options: dict[str, Any], key: str, spec: Any, target: 
         mapping, others = spec.truth_map.as_ints(), spec.truth_map.others
         told = {"truth_map": {"from": f"model {spec.name}", "reads": spec.truth_map.reads,
                               "values": spec.truth_map.values, "others": others}}
-        hint = f"; {spec.name} reads {spec.truth_map.reads}"
+        hint, from_spec = f"; {spec.name} reads {spec.truth_map.reads}", True
     num_classes = max(c.id for c in spec.classes) + 1
-    classes, unscored = truth_classes(values, num_classes, mapping, others)
+    classes, unscored, found = truth_classes(values, num_classes, mapping, others)
+    if from_spec and set(found) <= set(range(num_classes)) and any(mapping.get(v, others) != v for v in found):
+        # Every value is also a class id: a mask of class ids is misread by the model's map without a word.
+        told.setdefault("warnings", []).append(
+            f"ground truth: its values ({', '.join(map(str, found))}) are all class ids of {spec.name} too; "
+            f"they were read as {spec.truth_map.reads}. If they are class ids, give the truth map "
+            + json.dumps({str(c.id): c.id for c in spec.classes}, separators=(",", ":")))
     if unscored:
         share = sum(unscored.values()) / values.size
         listed = ", ".join(f"{v} ({n / values.size:.1%})"
                            for v, n in sorted(unscored.items(), key=lambda kv: -kv[1])[:5])
         rule = ("not in the truth map" if mapping is not None
                 else f"that are not class ids of {spec.name} (0-{num_classes - 1}; 255 = not scored)")
-        told["warnings"] = [f"ground truth: {share:.1%} of its pixels hold values {rule} and are not scored: "
-                            f"{listed}{hint}; a truth map (--truth-map, options.truth_map) reads other values"]
+        told.setdefault("warnings", []).append(
+            f"ground truth: {share:.1%} of its pixels hold values {rule} and are not scored: {listed}{hint}; "
+            "a truth map (--truth-map, options.truth_map) reads other values")
     if window is None and target is not None and _georeferenced(truth_info) and _georeferenced(target):
         if not same_grid(truth_info, target):
             classes = reproject_labels(classes, truth_info, _rows_of(target, rows) if rows else target)
@@ -124,7 +132,7 @@ def _seg_truth(seg: Any, name: str, options: dict[str, Any], spec: Any) -> tuple
                 f"ground truth {name} has no segment for {', '.join(missing)}: there it cannot be told from "
                 "background, so the figures of those classes and of background, and pixel accuracy, count such "
                 f"predictions as errors; those of {', '.join(exact) or 'no class'} are exact")
-    classes, _ = truth_classes(seg.numbers, num_classes, mapping)
+    classes = truth_classes(seg.numbers, num_classes, mapping).classes
     if warnings_:
         told["warnings"] = warnings_
     return classes, told
