@@ -10,6 +10,7 @@ import pytest
 import rasterio
 from PIL import Image
 
+from adapters.base import ItemInfo
 from pipelines.evaluate import PET_CLASSES, PET_TRUTH
 from pipelines.spec import ClassSpec, ModelSpec, TruthMap
 from worker.truth import read_truth
@@ -218,3 +219,21 @@ def test_class_ids_read_through_the_models_map_are_flagged(tmp_path: Path) -> No
     # A TotalSegmentator label holds ids past the classes (63 = inferior vena cava): no such doubt.
     Image.fromarray(np.array([[0, 1], [5, 63]], np.uint8)).save(tmp_path / "ts.png")
     assert "warnings" not in read_truth(str(tmp_path / "ts.png"), {}, "", spec)[1]
+
+
+def test_a_label_at_another_resolution_is_scaled_to_its_photo(tmp_path: Path) -> None:
+    """A mask exported at half size: same aspect, so scaled (nearest) with a warning; another aspect (a label
+    of another photo) stays an error of the item."""
+    labels = np.zeros((10, 16), np.uint8)
+    labels[:, 8:] = 1
+    Image.fromarray(labels).save(tmp_path / "half.png")
+    target = ItemInfo(height=20, width=32, bands=3, dtype="uint8", modality="photo")
+    classes = [ClassSpec(id=0, name="background"), ClassSpec(id=1, name="cat")]
+    got, told = read_truth(str(tmp_path / "half.png"), {}, "", _spec(None, classes), target)
+    assert got.shape == (20, 32) and (got[:, :16] == 0).all() and (got[:, 16:] == 1).all()
+    assert "is 16x10 px, the image 32x20: scaled to the image" in told["warnings"][0]
+    part, _ = read_truth(str(tmp_path / "half.png"), {}, "", _spec(None, classes), target, (5, 12))
+    assert np.array_equal(part, got[5:12])
+    other = ItemInfo(height=20, width=20, bands=3, dtype="uint8", modality="photo")
+    got, told = read_truth(str(tmp_path / "half.png"), {}, "", _spec(None, classes), other)
+    assert got.shape == (10, 16) and "warnings" not in told  # left to the shape check, which fails the item

@@ -9,6 +9,8 @@ import os
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from adapters.base import ItemInfo, Window, split_key
 from adapters.geotiff import reproject_labels, same_grid
 from core.settings import get_settings
@@ -85,6 +87,20 @@ def read_truth(path: str, options: dict[str, Any], key: str, spec: Any, target: 
         told.setdefault("warnings", []).append(
             f"ground truth: {share:.1%} of its pixels hold values {rule} and are not scored: {listed}{hint}; "
             "a truth map (--truth-map, options.truth_map) reads other values")
+    if (window is None and target is not None and classes.shape != (target.height, target.width)
+            and not (_georeferenced(truth_info) and _georeferenced(target))):
+        h, w = classes.shape
+        if abs(h / w - target.height / target.width) <= 0.01 * (target.height / target.width):
+            # A label saved at another resolution than its photo (a mask exported at half size): the same
+            # picture, so scale it by nearest neighbour rather than fail the item and lose its segmentation.
+            rows_ = np.minimum(((np.arange(target.height) + 0.5) * h / target.height).astype(int), h - 1)
+            cols_ = np.minimum(((np.arange(target.width) + 0.5) * w / target.width).astype(int), w - 1)
+            classes = classes[np.ix_(rows_, cols_)]
+            if rows is not None:
+                classes = classes[rows[0] : rows[1]]
+            told.setdefault("warnings", []).append(
+                f"ground truth {os.path.basename(path)} is {w}x{h} px, the image {target.width}x{target.height}: "
+                "scaled to the image (nearest neighbour) before scoring")
     if window is None and target is not None and _georeferenced(truth_info) and _georeferenced(target):
         if not same_grid(truth_info, target):
             classes = reproject_labels(classes, truth_info, _rows_of(target, rows) if rows else target)
