@@ -121,7 +121,8 @@ def models(_: Owner) -> list[schemas.ModelOut]:
 
     return [schemas.ModelOut(name=s.name, kind=s.kind, source=s.source, source_format=s.source_format,
                              classes=s.class_names, input_size=s.input_size, channels=s.channels, mode=s.mode,
-                             default_for=s.default_for, description=s.description)
+                             default_for=s.default_for, description=s.description,
+                             truth_map=s.truth_map.model_dump() if s.truth_map else None)
             for s in sorted(find_specs().values(), key=lambda s: s.name)]
 
 

@@ -216,6 +216,8 @@ class ModelOut(BaseModel):
     mode: str
     default_for: list[str]
     description: str
+    truth_map: dict[str, Any] | None = Field(default=None, description=(
+        "how ground truth for this model's data writes its classes, used when a job gives no truth_map"))
 
 
 class Health(BaseModel):

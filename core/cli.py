@@ -136,7 +136,8 @@ def models(as_json: bool) -> None:
     specs = sorted(find_specs().values(), key=lambda s: s.name)
     rows = [{"name": s.name, "kind": s.kind, "source": s.source, "source_format": s.source_format,
              "classes": s.class_names, "input_size": s.input_size, "channels": s.channels, "mode": s.mode,
-             "normalization": s.normalization.kind, "default_for": s.default_for} for s in specs]
+             "normalization": s.normalization.kind, "default_for": s.default_for,
+             "truth_map": s.truth_map.model_dump() if s.truth_map else None} for s in specs]
     if as_json:
         _echo_json(rows)
         return
@@ -191,8 +192,11 @@ _job_options = [
     click.argument("inputs", nargs=-1, required=True),
     click.option("--pipeline", "-p", default="auto", show_default=True,
                  help="model name (see `tileseg models`) or 'auto' for each input kind's default"),
-    click.option("--truth", multiple=True, help="ground-truth mask per input (enables Dice/IoU)"),
-    click.option("--truth-map", help='JSON mapping of truth values to class ids, e.g. \'{"1":0,"2":1,"3":2}\''),
+    click.option("--truth", multiple=True,
+                 help="ground truth per input, in order: a label image (a folder of them for an input folder, "
+                      "matched by name; a DICOM SEG for DICOM). Adds Dice/IoU, pixel accuracy and mean IoU"),
+    click.option("--truth-map", help='JSON mapping of truth values to class ids, e.g. \'{"1":0,"2":1,"3":2}\'; '
+                                     "default: the model's own (tileseg models --json), else class ids as stored"),
     click.option("--score-threshold", type=float, help="instance models: minimum score"),
     click.option("--json", "as_json", is_flag=True, help="machine-readable output"),
 ]

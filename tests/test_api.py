@@ -149,8 +149,10 @@ def test_upload_names_are_not_trusted(client: TestClient, photo_dir: Path, ts_en
 
 
 def test_models_and_openapi(client: TestClient) -> None:
-    names = {m["name"] for m in client.get("/models").json()}
-    assert {"tiny-photo", "tiny-geo", "tiny-ct"} <= names
+    models = {m["name"]: m for m in client.get("/models").json()}
+    assert {"tiny-photo", "tiny-geo", "tiny-ct"} <= models.keys()
+    assert models["unet-pets"]["truth_map"]["values"] == {"1": 0, "2": 1, "3": 2}  # how it reads trimaps
+    assert models["tiny-photo"]["truth_map"] is None
     spec = client.get("/openapi.json").json()
     assert "/jobs/{job_id}/items/{item_id}/artifacts/{kind}" in spec["paths"]
     # Every $ref resolves inside the document: client generators and schemathesis stop at one that does not
