@@ -166,7 +166,11 @@ def _parse_inputs(inputs: tuple[str, ...], truth: tuple[str, ...]) -> list:
         if "://" not in p and not any(c in p for c in "*?[") and not os.path.exists(path):
             raise click.BadParameter(f"{p}: no such file or folder")
         t = truth[n] if truth else None
-        out.append(InputSpec(path=path, truth=str(Path(t).resolve()) if t else None))
+        if t and "://" not in t:
+            t = str(Path(t).expanduser().resolve())
+            if not os.path.exists(t):  # caught here, before a job exists, like a missing input
+                raise click.BadParameter(f"--truth {truth[n]}: no such file or folder")
+        out.append(InputSpec(path=path, truth=t))
     return out
 
 

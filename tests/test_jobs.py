@@ -219,6 +219,9 @@ def test_truth_maps_are_checked_before_a_job_exists(tmp_path: Path) -> None:
     for arg, fragment in (('{"pet": 0}', "key 'pet'"), ("{1: 0}", "not valid JSON")):
         res = CliRunner().invoke(main, ["submit", str(img), "--truth-map", arg])
         assert res.exit_code == 2 and fragment in res.output, res.output
+    # A missing truth file is refused before a job exists (it used to fail every item of the job).
+    res = CliRunner().invoke(main, ["submit", str(img), "--truth", str(tmp_path / "nope.png")])
+    assert res.exit_code == 2 and "nope.png: no such file or folder" in res.output, res.output
 
 
 def test_score_summaries_come_from_the_stored_confusion_per_model() -> None:
