@@ -281,7 +281,9 @@ def _layout(folder: Path) -> str:
     if (folder / "dicom_ct").is_dir():
         return "ct"
     raise click.BadParameter(f"{folder}: not a known layout (oxford_pets: images/ + trimaps/; buildings: "
-                             "images/ + masks/; CT: dicom_ct/ + png/labels/)", param_hint="--data")
+                             "images/ + masks/; CT: dicom_ct/ + png/labels/). Any folder of images with one of "
+                             "labels is scored through the service: tileseg run IMAGES/ --truth LABELS/ "
+                             "(pixel accuracy, mean IoU and per-class Dice/IoU per item and job)", param_hint="--data")
 
 
 def _eval_domain(spec, folder: Path, layout: str, split: str, as_json: bool) -> None:  # noqa: ANN001

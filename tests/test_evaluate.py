@@ -274,6 +274,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_model):
     assert res.exit_code != 0 and "no-such-model" in res.output
     res = CliRunner().invoke(eval_command, ["--model", str(folder), "--data", str(tmp_path)])
     assert res.exit_code != 0 and "not a known layout" in res.output and "trimaps" in res.output
+    assert "tileseg run IMAGES/ --truth LABELS/" in " ".join(res.output.split())
     (tmp_path / "annotations").mkdir()  # looks like oxford_pets but lists nothing
     res = CliRunner().invoke(eval_command, ["--model", str(folder), "--data", str(tmp_path)])
     assert res.exit_code != 0 and "annotations" in res.output
