@@ -91,6 +91,31 @@ def test_job_through_api_with_two_workers(tiny_models: Path, photo_dir: Path, pg
 
         assert not stale.exists()
 
+        # An upload with its ground truth (multipart `truth`, paired by stem): the workers fetch both from
+        # the artifact store, and the job and the item report pixel accuracy against it.
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        photo = sorted(photo_dir.iterdir())[0]
+        with Image.open(photo) as im:
+            w, h = im.size
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((h, w), np.uint8)).save(buf, format="PNG")  # all class 0
+        r = httpx.post(f"{base}/jobs", headers=auth, timeout=30,
+                       files=[("files", (photo.name, photo.read_bytes(), "image/jpeg")),
+                              ("truth", (f"{photo.stem}.png", buf.getvalue(), "image/png"))])
+        assert r.status_code == 202, r.text
+        scored = _wait_job(base, r.json()["id"], auth)
+        assert scored["status"] == "succeeded", scored
+        (score,) = httpx.get(f"{base}/jobs/{scored['id']}/metrics", headers=auth).json()["scores"]
+        assert score["scored_pixels"] == w * h
+        (item,) = httpx.get(f"{base}/jobs/{scored['id']}/items", headers=auth).json()["items"]
+        detail = httpx.get(f"{base}/jobs/{scored['id']}/items/{item['id']}", headers=auth).json()
+        share0 = sum(m["pixel_count"] for m in detail["metrics"] if m["class_id"] == 0) / (w * h)
+        assert detail["scores"][0]["pixel_accuracy"] == pytest.approx(share0, abs=1e-9)
+
         # Workers yield the CPU to the API (TILESEG_WORKER_NICE, default 10), their prefork children too.
         base_nice = os.getpriority(os.PRIO_PROCESS, 0)
         assert os.getpriority(os.PRIO_PROCESS, procs[0].pid) == base_nice
