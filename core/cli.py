@@ -332,6 +332,9 @@ def _print_results(d: dict[str, Any]) -> None:
             detail = ", ".join(
                 f"{m['class_name']} {m['instance_count']}x" if m["instance_count"] is not None
                 else f"{m['class_name']} {100 * (m['fraction'] or 0):.1f}%" for m in top)
+            for sc in it.get("scores") or []:
+                if sc["pixel_accuracy"] is not None:
+                    detail += f"; vs truth: acc {sc['pixel_accuracy']:.3f}, mIoU {sc['mean_iou']:.3f}"
         t.add_row(str(it["seq"]), name, str(it["meta"].get("model", "-")), it["status"], detail)
     con.print(t)
     _print_warnings(d["items"])

@@ -371,6 +371,7 @@ def test_truth_in_the_models_own_convention_is_read_through_its_spec(tiny_models
     assert "b.png: ground truth: 50.0% of its pixels" in human.stdout
     assert f"against the ground truth (tiny-photo, 3,000 scored pixels): pixel accuracy {job['pixel_accuracy']:.4f}" \
         in human.stdout
+    assert f"vs truth: acc {sa['pixel_accuracy']:.3f}" in " ".join(human.stdout.replace("│", " ").split())
 
 
 def test_a_dicom_series_scored_against_its_dicom_seg(tiny_models: Path, tmp_path: Path) -> None:
