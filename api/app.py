@@ -251,6 +251,12 @@ async def submit(request: Request, owner: Owner) -> JSONResponse:
     try:
         if ctype.startswith("multipart/form-data"):
             uploaded, fields = await _uploaded_inputs(request, uuid.uuid4())
+            # As the JSON body forbids unknown keys, a misnamed field must not pass silently. An empty value is
+            # what a browser sends for a file input left empty.
+            extra = sorted(k for k, v in fields.items() if k not in ("pipeline", "options") and v != "")
+            if extra:
+                raise HTTPException(422, f"form fields {', '.join(extra)}: expected files (files, truth) and the "
+                                         "text fields pipeline and options only")
             body = schemas.JobIn(inputs=[i.path for i in uploaded] or ["<no files>"],
                                  pipeline=fields.get("pipeline") or "auto",  # an empty form field is unset
                                  options=json.loads(fields.get("options") or "{}"))

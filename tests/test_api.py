@@ -276,3 +276,7 @@ def test_uploads_carry_their_truth_by_file_stem(client: TestClient, photo_dir: P
     assert r.status_code == 202 and client.get(f"/jobs/{r.json()['id']}").json()["inputs"][0]["truth"]
     r = client.post("/jobs", files=[*files, ("truth", ("nothing.png", label, "image/png"))])
     assert r.status_code == 422 and "nothing match no uploaded file" in r.json()["detail"]
+    # A truth sent as text, or a misnamed field, is refused rather than ignored (schemathesis).
+    for data in ({"truth": "{}"}, {"pipline": "unet-pets"}):
+        r = client.post("/jobs", files=files, data=data)
+        assert r.status_code == 422 and next(iter(data)) in r.json()["detail"], r.text
