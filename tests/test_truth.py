@@ -237,3 +237,46 @@ def test_a_label_at_another_resolution_is_scaled_to_its_photo(tmp_path: Path) ->
     other = ItemInfo(height=20, width=20, bands=3, dtype="uint8", modality="photo")
     got, told = read_truth(str(tmp_path / "half.png"), {}, "", _spec(None, classes), other)
     assert got.shape == (10, 16) and "warnings" not in told  # left to the shape check, which fails the item
+
+
+def test_a_dicom_seg_over_a_multiframe_image_scores_each_frame(tmp_path: Path) -> None:
+    """A multi-frame CT (highdicom's legacy-converted enhanced CT of three CT_small slices) and a SEG with a
+    liver on its middle frame only: each frame item gets its own frame of the SEG (by frame number)."""
+    import copy
+
+    import highdicom as hd
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.sr.codedict import codes
+
+    from adapters import open_input
+
+    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    slices, series = [], hd.UID()
+    for i in range(3):
+        ds = copy.deepcopy(base)
+        ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = hd.UID(), series, i + 1
+        x, y, z = map(float, base.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z + 5 * i]
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        slices.append(ds)
+    hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy_datasets=slices, series_instance_uid=hd.UID(), series_number=9, sop_instance_uid=hd.UID(),
+        instance_number=1).save_as(tmp_path / "ct.dcm")
+    ct = pydicom.dcmread(tmp_path / "ct.dcm")
+    mask = np.zeros((3, ct.Rows, ct.Columns), np.uint8)
+    mask[1, 10:20, 10:30] = 1
+    liver = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="Liver", segmented_property_category=codes.SCT.Organ,
+        segmented_property_type=codes.SCT.Liver, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    hd.seg.Segmentation(
+        source_images=[ct], pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[liver], series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="t", manufacturer_model_name="t", software_versions="t",
+        device_serial_number="1").save_as(tmp_path / "seg.dcm")
+    spec = ModelSpec(name="ct", kind="semantic", source="m.keras", classes=[ClassSpec(id=0, name="background"),
+                     ClassSpec(id=1, name="liver")], background_class=0)
+    with open_input(str(tmp_path / "ct.dcm"))[1] as src:
+        found = [(it.info.extra["frame"], int((read_truth(str(tmp_path / "seg.dcm"), {}, it.key, spec,
+                                                              it.info)[0] == 1).sum())) for it in src.items()]
+    assert found == [(0, 0), (1, 200), (2, 0)]
