@@ -34,33 +34,50 @@ def read_truth(path: str, options: dict[str, Any], key: str, spec: Any, target: 
     ``rows`` ``(start, stop)``: only those rows of ``target`` (one part of a split raster), read as a window
     when the truth is on the image's grid, so no part holds the whole raster's truth.
     """
-    from adapters import AdapterError, open_input
-    from pipelines.metrics import truth_classes
+    from adapters import open_input
 
-    base = split_key(key)[0]
+    name = os.path.basename(path)
     with fetch_input(path, get_settings().storage_options) as local:
         if target is not None and target.extra.get("sop_instance_uid"):
             from adapters.dicom import segmentation_labels
 
             seg = segmentation_labels(local, target)
             if seg is not None:
-                return _seg_truth(seg, os.path.basename(path), options, spec)
+                return _seg_truth(seg, name, options, spec)
         _, source = open_input(local)
         with source:
-            try:
-                item = source.item(base)  # a stack opens only that page
-            except AdapterError:
-                items = list(source.items())
-                if len(items) != 1:
-                    keys = f" (keys {items[0].key} ... {items[-1].key})" if items else ""
-                    raise AdapterError(f"truth {os.path.basename(path)} holds {len(items)} images and none for "
-                                       f"{base or 'a single-image input'}{keys}") from None
-                item = items[0]
-            truth_info = item.info
-            window = None
+            item = _truth_item(source, split_key(key)[0], name)
+            truth_info, window = item.info, None
             if rows is not None and target is not None and same_grid(truth_info, target):
                 window = Window(0, rows[0], target.width, rows[1] - rows[0])
             values = item.read_labels(window)
+    classes, told = _to_classes(values, options, spec)
+    if window is None and target is not None:
+        classes = _fit_to_image(classes, truth_info, target, rows, name, told)
+    return classes, told
+
+
+def _truth_item(source: Any, base: str, name: str) -> Any:
+    """The truth image for the item ``base`` of its input: the one with the same key in a stack, else the
+    file's only image."""
+    from adapters import AdapterError
+
+    try:
+        return source.item(base)  # a stack opens only that page
+    except AdapterError:
+        items = list(source.items())
+        if len(items) != 1:
+            keys = f" (keys {items[0].key} ... {items[-1].key})" if items else ""
+            raise AdapterError(f"truth {name} holds {len(items)} images and none for "
+                               f"{base or 'a single-image input'}{keys}") from None
+        return items[0]
+
+
+def _to_classes(values: np.ndarray, options: dict[str, Any], spec: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """Stored truth values ``(H, W)`` -> class ids by the job's map, else the model's, else as they are; and
+    the metadata that says which map was used and what fell out."""
+    from pipelines.metrics import truth_classes
+
     mapping, others, told, hint, from_spec = None, None, {}, "", False
     if options.get("truth_map"):
         mapping = {int(k): int(v) for k, v in options["truth_map"].items()}
@@ -72,9 +89,10 @@ def read_truth(path: str, options: dict[str, Any], key: str, spec: Any, target: 
         hint, from_spec = f"; {spec.name} reads {spec.truth_map.reads}", True
     num_classes = max(c.id for c in spec.classes) + 1
     classes, unscored, found = truth_classes(values, num_classes, mapping, others)
+    warnings_ = []
     if from_spec and set(found) <= set(range(num_classes)) and any(mapping.get(v, others) != v for v in found):
         # Every value is also a class id: a mask of class ids is misread by the model's map without a word.
-        told.setdefault("warnings", []).append(
+        warnings_.append(
             f"ground truth: its values ({', '.join(map(str, found))}) are all class ids of {spec.name} too; "
             f"they were read as {spec.truth_map.reads}. If they are class ids, give the truth map "
             + json.dumps({str(c.id): c.id for c in spec.classes}, separators=(",", ":")))
@@ -84,11 +102,28 @@ def read_truth(path: str, options: dict[str, Any], key: str, spec: Any, target: 
                            for v, n in sorted(unscored.items(), key=lambda kv: -kv[1])[:5])
         rule = ("not in the truth map" if mapping is not None
                 else f"that are not class ids of {spec.name} (0-{num_classes - 1}; 255 = not scored)")
-        told.setdefault("warnings", []).append(
-            f"ground truth: {share:.1%} of its pixels hold values {rule} and are not scored: {listed}{hint}; "
-            "a truth map (--truth-map, options.truth_map) reads other values")
-    if (window is None and target is not None and classes.shape != (target.height, target.width)
-            and not (_georeferenced(truth_info) and _georeferenced(target))):
+        warnings_.append(f"ground truth: {share:.1%} of its pixels hold values {rule} and are not scored: "
+                         f"{listed}{hint}; a truth map (--truth-map, options.truth_map) reads other values")
+    if warnings_:
+        told["warnings"] = warnings_
+    return classes, told
+
+
+def _fit_to_image(classes: np.ndarray, truth_info: ItemInfo, target: ItemInfo, rows: tuple[int, int] | None,
+                  name: str, told: dict[str, Any]) -> np.ndarray:
+    """Class ids on the truth's grid, put on the image's (its ``rows`` only, for a part of a split raster):
+    resampled by georeference when both are georeferenced and differ; scaled when a plain label image has the
+    image's aspect at another resolution; else as they are (a shape that still differs fails the item).
+    What was done is added to ``told``'s warnings."""
+    note = None
+    if _georeferenced(truth_info) and _georeferenced(target):
+        if not same_grid(truth_info, target):
+            classes = reproject_labels(classes, truth_info, _rows_of(target, rows) if rows else target)
+            gap = float((classes == 255).mean())
+            note = (f"ground truth {name} is on another grid ({truth_info.width}x{truth_info.height} px) than the "
+                    f"image ({target.width}x{target.height} px); it was resampled onto the image's grid (nearest "
+                    f"neighbour), and {gap:.1%} of the image has no truth there (outside it or not scored)")
+    elif classes.shape != (target.height, target.width):
         h, w = classes.shape
         if abs(h / w - target.height / target.width) <= 0.01 * (target.height / target.width):
             # A label saved at another resolution than its photo (a mask exported at half size): the same
@@ -98,18 +133,11 @@ def read_truth(path: str, options: dict[str, Any], key: str, spec: Any, target: 
             classes = classes[np.ix_(rows_, cols_)]
             if rows is not None:
                 classes = classes[rows[0] : rows[1]]
-            told.setdefault("warnings", []).append(
-                f"ground truth {os.path.basename(path)} is {w}x{h} px, the image {target.width}x{target.height}: "
-                "scaled to the image (nearest neighbour) before scoring")
-    if window is None and target is not None and _georeferenced(truth_info) and _georeferenced(target):
-        if not same_grid(truth_info, target):
-            classes = reproject_labels(classes, truth_info, _rows_of(target, rows) if rows else target)
-            gap = float((classes == 255).mean())
-            told.setdefault("warnings", []).append(
-                f"ground truth {os.path.basename(path)} is on another grid ({truth_info.width}x{truth_info.height} "
-                f"px) than the image ({target.width}x{target.height} px); it was resampled onto the image's grid "
-                f"(nearest neighbour), and {gap:.1%} of the image has no truth there (outside it or not scored)")
-    return classes, told
+            note = (f"ground truth {name} is {w}x{h} px, the image {target.width}x{target.height}: scaled to the "
+                    "image (nearest neighbour) before scoring")
+    if note:
+        told.setdefault("warnings", []).append(note)
+    return classes
 
 
 def _seg_truth(seg: Any, name: str, options: dict[str, Any], spec: Any) -> tuple[Any, dict[str, Any]]:
