@@ -12,6 +12,7 @@ Outputs: each item gets a palette PNG class mask and an overlay PNG (:class:`Dic
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 import math
@@ -1166,6 +1167,14 @@ class SegLabels:
     labels: dict[int, str]
 
 
+@functools.lru_cache(maxsize=2)
+def _segread(path: str, mtime_ns: int, size: int) -> Any:
+    """A parsed DICOM SEG, kept per process: every slice of a series reads the same SEG as its truth, and
+    parsing a few hundred frames each time would cost more than segmenting the slice. ``mtime_ns`` and
+    ``size`` make a rewritten file a new entry."""
+    return hd.seg.segread(path)
+
+
 def segmentation_labels(path: str | Path, target: ItemInfo) -> SegLabels | None:
     """The segments of the DICOM SEG at ``path`` on the image ``target`` (a slice or frame read by this
     adapter), found by the image's SOP Instance UID (and frame number, for multi-frame images), as ground
@@ -1175,8 +1184,6 @@ def segmentation_labels(path: str | Path, target: ItemInfo) -> SegLabels | None:
 
     A referenced image for which the SEG stores no frame has no segment on it (encoders omit empty frames).
     """
-    import highdicom as hd
-
     path = Path(path)
     if not looks_dicom(path):
         return None
@@ -1189,7 +1196,8 @@ def segmentation_labels(path: str | Path, target: ItemInfo) -> SegLabels | None:
         raise AdapterError(f"{name}: a DICOM SEG scores DICOM images by their SOP Instance UID, and this image "
                            "has none (a de-identified or non-DICOM input); give the truth as a label image")
     try:
-        seg = hd.seg.segread(path)
+        st = path.stat()
+        seg = _segread(str(path.resolve()), st.st_mtime_ns, st.st_size)
         labels = {n: str(seg.get_segment_description(n).segment_label) for n in seg.segment_numbers}
         referenced = {sop for _, _, sop in seg.get_source_image_uids()}
         if uid not in referenced:

@@ -280,3 +280,20 @@ def test_a_dicom_seg_over_a_multiframe_image_scores_each_frame(tmp_path: Path) -
         found = [(it.info.extra["frame"], int((read_truth(str(tmp_path / "seg.dcm"), {}, it.key, spec,
                                                               it.info)[0] == 1).sum())) for it in src.items()]
     assert found == [(0, 0), (1, 200), (2, 0)]
+
+
+def test_a_series_reads_its_seg_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every slice of a series has the same SEG as truth: it is parsed once per worker process, not per slice."""
+    import highdicom as hd
+
+    from adapters import dicom
+
+    info = _ct_item_info("01.dcm")
+    calls = []
+    real = hd.seg.segread
+    monkeypatch.setattr(hd.seg, "segread", lambda p: calls.append(p) or real(p))
+    dicom._segread.cache_clear()
+    seg_path = DCMQI / "dicom_seg" / "liver_seg.dcm"
+    first = dicom.segmentation_labels(seg_path, info)
+    again = dicom.segmentation_labels(seg_path, info)
+    assert len(calls) == 1 and np.array_equal(first.numbers, again.numbers)
