@@ -987,7 +987,8 @@ class GeoTiffFormat(Format):
 
 
 def same_grid(a: ItemInfo, b: ItemInfo, tol: float = 1e-6) -> bool:
-    """True when two georeferenced items have the same size, CRS and pixel grid (to ``tol`` of a pixel)."""
+    """True when two items lie on one pixel grid: the same size, and, when both are georeferenced, the same
+    CRS and corners (to ``tol`` of a pixel). Without georeference on either side, the size decides."""
     if (a.height, a.width) != (b.height, b.width) or a.transform is None or b.transform is None:
         return (a.height, a.width) == (b.height, b.width)
     if a.crs_wkt and b.crs_wkt and CRS.from_wkt(a.crs_wkt) != CRS.from_wkt(b.crs_wkt):

@@ -80,8 +80,7 @@ def _to_classes(values: np.ndarray, options: dict[str, Any], spec: Any) -> tuple
 
     mapping, others, told, hint, from_spec = None, None, {}, "", False
     if options.get("truth_map"):
-        mapping = {int(k): int(v) for k, v in options["truth_map"].items()}
-        told = {"truth_map": {"from": "job", "values": options["truth_map"]}}
+        mapping, told = _job_map(options)
     elif spec.truth_map is not None:
         mapping, others = spec.truth_map.as_ints(), spec.truth_map.others
         told = {"truth_map": {"from": f"model {spec.name}", "reads": spec.truth_map.reads,
@@ -154,8 +153,7 @@ def _seg_truth(seg: Any, name: str, options: dict[str, Any], spec: Any) -> tuple
     num_classes = max(c.id for c in spec.classes) + 1
     warnings_: list[str] = []
     if options.get("truth_map"):
-        mapping = {int(k): int(v) for k, v in options["truth_map"].items()}
-        told: dict[str, Any] = {"truth_map": {"from": "job", "values": options["truth_map"]}}
+        mapping, told = _job_map(options)
     else:
         by_name = {norm(c.name): c.id for c in spec.classes}
         mapping = {n: by_name[norm(label)] for n, label in seg.labels.items() if norm(label) in by_name}
@@ -186,6 +184,12 @@ def _rows_of(info: ItemInfo, rows: tuple[int, int]) -> ItemInfo:
     """The grid of rows ``[start, stop)`` of a georeferenced ``info``."""
     a, b, c, d, e, f = info.transform
     return replace(info, height=rows[1] - rows[0], transform=(a, b, c + b * rows[0], d, e, f + e * rows[0]))
+
+
+def _job_map(options: dict[str, Any]) -> tuple[dict[int, int], dict[str, Any]]:
+    """The job's ``truth_map`` (checked at submission) as ints, and the metadata that names it."""
+    return ({int(k): int(v) for k, v in options["truth_map"].items()},
+            {"truth_map": {"from": "job", "values": options["truth_map"]}})
 
 
 def _georeferenced(info: ItemInfo) -> bool:
