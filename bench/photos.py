@@ -104,7 +104,7 @@ def main() -> None:
     size = f" of about {args.megapixels:g} Mpx" if args.megapixels else ""
     append_result(f"Photo batch: {n} JPEGs{size} through {args.model}", [
         f"model: {spec.name}, input {spec.input_size}x{spec.input_size}, mode {spec.mode}, tta {spec.tta}, "
-        f"extra sizes {spec.tta_sizes or 'none'}, batch {args.batch}",
+        f"extra sizes {spec.tta_sizes or 'none'}, model files {1 + len(spec.members)}, batch {args.batch}",
         f"raw batched predict on decoded, resized arrays: {raw:.1f} s -> {n / raw:.1f} images/s",
         f"end to end (decode, EXIF, normalise, predict, resize back, palette mask + overlay PNGs): {e2e:.1f} s "
         f"-> {n / e2e:.1f} images/s",

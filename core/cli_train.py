@@ -45,6 +45,10 @@ train = click.Group("train", help="Train models.")
 @click.option("--extra-train", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="More training folders (e.g. pseudo-labels); trimap value 0 = ignored pixel.")
 @click.option("--init-from", type=click.Path(exists=True, dir_okay=False), help="Start from these weights.")
+@click.option("--encoder", default="conv", show_default=True, type=click.Choice(["conv", "mobilenetv2"]),
+              help="conv: the reference U-Net's encoder; mobilenetv2: a MobileNetV2 encoder (stride 16).")
+@click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False),
+              help="Pretrained encoder weights (.npz from `python -m pipelines.pretrained`).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False),
               help="After training, write model.keras + spec.json + metrics here (a registry model folder).")
@@ -62,7 +66,7 @@ def train_unet_command(export_dir: str | None, name: str, **kw) -> None:
     cfg = TrainConfig(**kw)
     try:
         best = train_unet(cfg)
-    except (AdapterError, FileExistsError) as e:
+    except (AdapterError, FileExistsError, ValueError) as e:  # ValueError: an encoder that does not fit
         raise click.ClickException(str(e)) from e
     click.echo(f"best checkpoint: {best}")
     if export_dir:

@@ -262,6 +262,10 @@ class TrainConfig:
     #: Probability that a training crop goes through a lower resolution (a random 40-100 % of its edge) and
     #: back (:func:`lowres_resample`), so the model also segments photos that were small, upscaled or soft.
     lowres: float = 0.0
+    #: ``conv`` (the reference's encoder) or ``mobilenetv2`` (:class:`pipelines.unet.UNetConfig`).
+    encoder: str = "conv"
+    #: An ``.npz`` of ``layer/variable`` arrays to start the encoder from (``python -m pipelines.pretrained``).
+    encoder_weights: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lowres <= 1.0:
@@ -386,7 +390,17 @@ def train_unet(cfg: TrainConfig) -> Path:
     else:
         model = build_unet(UNetConfig(input_size=cfg.size, num_classes=cfg.num_classes,
                                       base_filters=cfg.base_filters, depth=cfg.depth, norm=cfg.norm,
-                                      dropout=cfg.dropout))
+                                      dropout=cfg.dropout, encoder=cfg.encoder))
+        if cfg.encoder_weights:
+            import numpy as np
+
+            from pipelines.unet import load_encoder_weights
+
+            with np.load(cfg.encoder_weights) as npz:
+                filled = load_encoder_weights(model, dict(npz))
+            if not filled:
+                raise AdapterError(f"{cfg.encoder_weights}: no layer of the {cfg.encoder} encoder is in this file")
+            log.info("encoder: %d layers from %s", filled, cfg.encoder_weights)
         if cfg.init_from:
             src = keras.saving.load_model(cfg.init_from, compile=False)
             model.set_weights(src.get_weights())
@@ -395,7 +409,7 @@ def train_unet(cfg: TrainConfig) -> Path:
         tf.get_logger().setLevel("ERROR")
         model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, initial_epoch=initial_epoch,
                   callbacks=_make_callbacks(cfg, out, state), verbose=0, shuffle=False)
-    write_training_curve(out / "history.csv", out / "training_curve.png")
+    write_training_curve(out / "history.csv", out / "training_curve.png", f"validation ({cfg.size}x{cfg.size})")
     return out / "best.keras"
 
 

@@ -288,10 +288,15 @@ def test_shipped_model_spec_and_load():
     assert spec.kind == "semantic" and spec.class_names == ["pet", "background", "outline"]
     assert spec.background_class == 1 and "photo" in spec.default_for
     weights = Path(spec.resolve_source())
-    assert weights.stat().st_size <= 20 * 1024 * 1024
-    model = keras.saving.load_model(weights, compile=False)
-    y = np.asarray(model(np.zeros((1, spec.input_size, spec.input_size, 3), np.float32)))
-    assert y.shape == (1, spec.input_size, spec.input_size, 3)
+    files = [Path(f) for f in spec.resolve_sources()]
+    assert files[0] == weights and len(files) == 1 + len(spec.members)
+    # The cap is on the weights the model ships, every ensemble member included.
+    assert sum(f.stat().st_size for f in files) <= 20 * 1024 * 1024
+    for f in files:
+        model = keras.saving.load_model(f, compile=False)
+        y = np.asarray(model(np.zeros((1, spec.input_size, spec.input_size, 3), np.float32)))
+        assert y.shape == (1, spec.input_size, spec.input_size, 3)
+        np.testing.assert_allclose(y.sum(-1), 1.0, atol=1e-3)
     # The fast variant serves the same weights (no second copy in the repository) in one pass.
     fast = get_spec("unet-pets-fast")
     assert Path(fast.resolve_source()).resolve() == weights.resolve()
