@@ -335,6 +335,8 @@ def _print_results(d: dict[str, Any]) -> None:
             for sc in it.get("scores") or []:
                 if sc["pixel_accuracy"] is not None:
                     detail += f"; vs truth: acc {sc['pixel_accuracy']:.3f}, mIoU {sc['mean_iou']:.3f}"
+            if it["meta"].get("truth_unscored"):
+                detail += "; truth not scored (see warnings)"
         t.add_row(str(it["seq"]), name, str(it["meta"].get("model", "-")), it["status"], detail)
     con.print(t)
     _print_warnings(d["items"])

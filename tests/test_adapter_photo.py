@@ -465,3 +465,25 @@ def test_read_labels_of_a_label_stack_page(tmp_path, fmt):
                                    append_images=[Image.fromarray(p) for p in pages[1:]])
     with fmt.open(str(tmp_path / "labels.tif")) as src:
         assert [int(src.item(i.key).read_labels()[0, 0]) for i in src.items()] == [1, 2, 3000]
+
+
+def test_mask_stack_needs_every_page(tmp_path, fmt):
+    """The pages' masks of a TIFF stack become one multi-page TIFF in page order; with a page's mask missing (a
+    failed item) none is written, since every later mask would lie on the wrong slice."""
+    rgb = np.zeros((6, 5, 3), np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "s.tif", save_all=True, append_images=[Image.fromarray(rgb)] * 2)
+    names, colors = ["a", "b"], [(0, 0, 0), (255, 0, 0)]
+    with fmt.open(str(tmp_path / "s.tif")) as src:
+        items = [src.item(i.key) for i in src.items()]
+        files = []
+        for n in range(len(items)):
+            f = tmp_path / f"m{n}.png"
+            Image.fromarray(np.full((6, 5), n % 2, np.uint8)).save(f)
+            files.append(f)
+        (art,) = fmt.finalize_group(items, files, tmp_path / "out", names, colors)
+        with Image.open(art.path) as tif:
+            assert tif.n_frames == 3
+            tif.seek(1)
+            assert int(np.asarray(tif)[0, 0]) == 1
+        with pytest.raises(AdapterError, match="1 of 3 pages have no mask; no mask stack written"):
+            fmt.finalize_group([items[0], items[2]], [files[0], files[2]], tmp_path / "out2", names, colors)

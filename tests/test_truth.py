@@ -10,10 +10,10 @@ import pytest
 import rasterio
 from PIL import Image
 
-from adapters.base import ItemInfo
+from adapters.base import AdapterError, ItemInfo
 from pipelines.evaluate import PET_CLASSES, PET_TRUTH
 from pipelines.spec import ClassSpec, ModelSpec, TruthMap
-from worker.truth import read_truth
+from worker.truth import read_truth, truth_or_note
 
 TRIMAP = np.array([[1, 1, 3, 2], [1, 3, 2, 2], [3, 2, 2, 2]], np.uint8)
 CLASS_IDS = TRIMAP - 1  # pet 0, background 1, outline 2
@@ -223,7 +223,7 @@ def test_class_ids_read_through_the_models_map_are_flagged(tmp_path: Path) -> No
 
 def test_a_label_at_another_resolution_is_scaled_to_its_photo(tmp_path: Path) -> None:
     """A mask exported at half size: same aspect, so scaled (nearest) with a warning; another aspect (a label
-    of another photo) stays an error of the item."""
+    of another photo) is an error that costs the item its scoring only (``truth_or_note``)."""
     labels = np.zeros((10, 16), np.uint8)
     labels[:, 8:] = 1
     Image.fromarray(labels).save(tmp_path / "half.png")
@@ -235,8 +235,11 @@ def test_a_label_at_another_resolution_is_scaled_to_its_photo(tmp_path: Path) ->
     part, _ = read_truth(str(tmp_path / "half.png"), {}, "", _spec(None, classes), target, (5, 12))
     assert np.array_equal(part, got[5:12])
     other = ItemInfo(height=20, width=20, bands=3, dtype="uint8", modality="photo")
-    got, told = read_truth(str(tmp_path / "half.png"), {}, "", _spec(None, classes), other)
-    assert got.shape == (10, 16) and "warnings" not in told  # left to the shape check, which fails the item
+    with pytest.raises(AdapterError, match="it is 16x10 px and the image 20x20 px, with another aspect ratio"):
+        read_truth(str(tmp_path / "half.png"), {}, "", _spec(None, classes), other)
+    got, told = truth_or_note(str(tmp_path / "half.png"), {}, "", _spec(None, classes), other)
+    assert got is None and "16x10 px and the image 20x20 px" in told["truth_unscored"]
+    assert told["warnings"] == [f"ground truth half.png not scored: {told['truth_unscored']}"]
 
 
 def test_a_dicom_seg_over_a_multiframe_image_scores_each_frame(tmp_path: Path) -> None:

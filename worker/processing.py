@@ -30,7 +30,7 @@ from core.db import session_scope
 from core.models import TERMINAL_ITEM, ClassMetric, InstanceRow, Item, ItemStatus, Job, JobStatus, utcnow
 from core.settings import get_settings
 from core.store import ArtifactStore, fetch_input
-from worker.truth import read_truth, with_truth_notes
+from worker.truth import truth_or_note, with_truth_notes
 
 log = logging.getLogger(__name__)
 
@@ -354,10 +354,10 @@ def _run_one(job_id: uuid.UUID, t: tuple, model: Any, options: dict[str, Any]) -
                 gt = None
                 if truth:
                     if isinstance(item, RegionItem):  # a part of a split raster: its rows of the truth
-                        gt, told = read_truth(truth, options, key, model.spec, item.base.info,
-                                              (item.start, item.stop))
+                        gt, told = truth_or_note(truth, options, key, model.spec, item.base.info,
+                                                 (item.start, item.stop))
                     else:
-                        gt, told = read_truth(truth, options, key, model.spec, item.info)
+                        gt, told = truth_or_note(truth, options, key, model.spec, item.info)
                     meta = with_truth_notes(meta, told)
                 sink = fmt.semantic_sink(item, out_dir, model.spec.names_by_id(), model.spec.colors_by_id())
                 if isinstance(item, RegionItem):
@@ -446,7 +446,7 @@ def _run_semantic_batch(job_id: uuid.UUID, batch: Sequence[tuple], model: Any, o
                 out_dir = Path(tmp) / str(item_id)
                 out_dir.mkdir()
                 sink = fmt.semantic_sink(item, out_dir, model.spec.names_by_id(), model.spec.colors_by_id())
-                gt, told = read_truth(truth, options, key, model.spec, item.info) if truth else (None, {})
+                gt, told = truth_or_note(truth, options, key, model.spec, item.info) if truth else (None, {})
             except TransientError:
                 raise
             except Exception as exc:  # noqa: BLE001

@@ -16,7 +16,7 @@ from adapters.geotiff import reproject_labels, same_grid
 from core.settings import get_settings
 from core.store import fetch_input
 
-__all__ = ["read_truth", "with_truth_notes"]
+__all__ = ["read_truth", "truth_or_note", "with_truth_notes"]
 
 
 def read_truth(path: str, options: dict[str, Any], key: str, spec: Any, target: ItemInfo | None = None,
@@ -55,6 +55,22 @@ def read_truth(path: str, options: dict[str, Any], key: str, spec: Any, target: 
     if window is None and target is not None:
         classes = _fit_to_image(classes, truth_info, target, rows, name, told)
     return classes, told
+
+
+def truth_or_note(path: str, options: dict[str, Any], key: str, spec: Any, target: ItemInfo | None = None,
+                  rows: tuple[int, int] | None = None) -> tuple[Any, dict[str, Any]]:
+    """:func:`read_truth`, except that a truth that cannot be used (unreadable, a colour mask, a page the
+    label stack lacks, a shape that cannot be placed on the image) costs only the scoring: the class ids are
+    ``None``, and the metadata says why in ``truth_unscored`` and in a warning. The item is still segmented
+    and its outputs kept; what the user asked for that could not be done is on the item, not lost."""
+    from adapters import AdapterError
+
+    try:
+        return read_truth(path, options, key, spec, target, rows)
+    except AdapterError as e:
+        reason = str(e)
+        return None, {"truth_unscored": reason,
+                      "warnings": [f"ground truth {os.path.basename(path)} not scored: {reason}"]}
 
 
 def _truth_item(source: Any, base: str, name: str) -> Any:
@@ -134,6 +150,13 @@ def _fit_to_image(classes: np.ndarray, truth_info: ItemInfo, target: ItemInfo, r
                 classes = classes[rows[0] : rows[1]]
             note = (f"ground truth {name} is {w}x{h} px, the image {target.width}x{target.height}: scaled to the "
                     "image (nearest neighbour) before scoring")
+    expected = (rows[1] - rows[0] if rows else target.height, target.width)
+    if classes.shape != expected:
+        from adapters import AdapterError
+
+        h, w = classes.shape
+        raise AdapterError(f"it is {w}x{h} px and the image {target.width}x{target.height} px, with another aspect "
+                           "ratio and no georeference that would place one on the other")
     if note:
         told.setdefault("warnings", []).append(note)
     return classes
