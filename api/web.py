@@ -315,7 +315,8 @@ def job_page(request: Request, job_id: str, viewer: Viewer,
         view = _job_view(job)
         items, total = jobs.list_items(session, job.id, limit=ITEMS_PER_PAGE,
                                        offset=(page - 1) * ITEMS_PER_PAGE)
-        item_views = [_item_view(i) for i in items]
+        item_scores = jobs.items_scores(session, [i.id for i in items])
+        item_views = [{**_item_view(i), "scores": item_scores.get(i.id, [])} for i in items]
         rows = jobs.job_metrics(session, job.id)
         metrics, scores = [_metric_view(m) for m in rows], jobs.score_summaries(rows)
         colours = _class_colours(session, job)

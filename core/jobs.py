@@ -522,6 +522,19 @@ def job_metrics(session: Session, job_id: uuid.UUID, item_id: uuid.UUID | None =
     return list(session.scalars(q.order_by(ClassMetric.model, ClassMetric.class_id)).all())
 
 
+def items_scores(session: Session, item_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[dict[str, Any]]]:
+    """:func:`score_summaries` of each of ``item_ids`` that was scored against ground truth, in one query (a
+    page of item cards)."""
+    if not item_ids:
+        return {}
+    rows = session.scalars(select(ClassMetric).where(ClassMetric.item_id.in_(list(item_ids)))
+                           .order_by(ClassMetric.item_id, ClassMetric.model, ClassMetric.class_id)).all()
+    by_item: dict[uuid.UUID, list[ClassMetric]] = {}
+    for r in rows:
+        by_item.setdefault(r.item_id, []).append(r)
+    return {i: s for i, rs in by_item.items() if (s := score_summaries(rs))}
+
+
 def item_instances(session: Session, item_id: uuid.UUID) -> list[InstanceRow]:
     return list(session.scalars(select(InstanceRow).where(InstanceRow.item_id == item_id)
                                 .order_by(InstanceRow.score.desc())).all())

@@ -511,7 +511,7 @@ def test_scored_jobs_show_pixel_accuracy_and_mean_iou(world: World) -> None:
     from sqlalchemy import select
 
     from core.db import session_scope
-    from core.models import ClassMetric
+    from core.models import ClassMetric, Item
 
     c = login(world.alice)
     assert "Against the ground truth" not in c.get(f"/ui/jobs/{world.job_id}").text
@@ -523,6 +523,13 @@ def test_scored_jobs_show_pixel_accuracy_and_mean_iou(world: World) -> None:
         html = c.get(url).text
         assert "Against the ground truth" in html and "pixel accuracy <strong>0.9167</strong>" in html, url
         assert f"mean IoU <strong>{(700 / 800 + 200 / 300 + 1) / 3:.4f}</strong>" in html and "1,200 scored" in html
+    # Each item card on the job page carries its own scores (the item's rows here hold the same matrix).
+    html = c.get(f"/ui/jobs/{world.job_id}").text
+    assert html.count('class="small item-scores"') == 1 and "acc 0.917 · mIoU 0.847" in html
+    with session_scope() as s:
+        it = s.get(Item, world.ok_item)
+        it.meta = {**(it.meta or {}), "truth_unscored": "it is 90x40 px and the image 50x40 px"}
+    assert 'title="it is 90x40 px and the image 50x40 px">truth not scored<' in c.get(f"/ui/jobs/{world.job_id}").text
     api = client_for(None)
     body = api.get(f"/jobs/{world.job_id}/metrics", headers={"Authorization": f"Bearer {world.alice}"}).json()
     assert body["scores"] == [{"model": None, "pixel_accuracy": pytest.approx(1100 / 1200),
