@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import ItemInfo, Window, split_key
+from adapters.base import AdapterError, ItemInfo, Window, split_key
 from adapters.geotiff import reproject_labels, same_grid
 from core.settings import get_settings
 from core.store import fetch_input
@@ -63,8 +63,6 @@ def truth_or_note(path: str, options: dict[str, Any], key: str, spec: Any, targe
     label stack lacks, a shape that cannot be placed on the image) costs only the scoring: the class ids are
     ``None``, and the metadata says why in ``truth_unscored`` and in a warning. The item is still segmented
     and its outputs kept; what the user asked for that could not be done is on the item, not lost."""
-    from adapters import AdapterError
-
     try:
         return read_truth(path, options, key, spec, target, rows)
     except AdapterError as e:
@@ -76,8 +74,6 @@ def truth_or_note(path: str, options: dict[str, Any], key: str, spec: Any, targe
 def _truth_item(source: Any, base: str, name: str) -> Any:
     """The truth image for the item ``base`` of its input: the one with the same key in a stack, else the
     file's only image."""
-    from adapters import AdapterError
-
     try:
         return source.item(base)  # a stack opens only that page
     except AdapterError:
@@ -152,8 +148,6 @@ def _fit_to_image(classes: np.ndarray, truth_info: ItemInfo, target: ItemInfo, r
                     "image (nearest neighbour) before scoring")
     expected = (rows[1] - rows[0] if rows else target.height, target.width)
     if classes.shape != expected:
-        from adapters import AdapterError
-
         h, w = classes.shape
         raise AdapterError(f"it is {w}x{h} px and the image {target.width}x{target.height} px, with another aspect "
                            "ratio and no georeference that would place one on the other")
